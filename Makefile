@@ -1,0 +1,32 @@
+# One command for each job on a fresh machine: `make demo` (main job, default model), `make test`.
+# Targets create or refresh the virtual environment when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m codellm info
+	$(PY) -m codellm complete --max-new-tokens 48 'def fibonacci(n):'
+	$(PY) -m codellm infill --max-new-tokens 48 --prefix 'def is_even(n):' --suffix '    return result'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check codellm tests bench
+
+bench: $(STAMP)
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from codellm.cli import main
+
+sys.exit(main())

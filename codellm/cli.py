@@ -1,0 +1,265 @@
+"""`codellm ...`: one entry point, subcommands that call plain functions.
+
+Errors a user can fix arrive as UserError and print as one line with exit code 2; no tracebacks unless
+CODELLM_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from codellm.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / "default"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("CODELLM_MODEL", DEFAULT_MODEL))
+
+
+def add_model_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=Path, default=None,
+                   help="HF-layout model directory (default: $CODELLM_MODEL or the shipped models/default)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
+                                                  "bfloat16 on cuda)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args):
+    from codellm.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def load(args):
+    """(model, tokenizer) from --model/--device/--dtype."""
+    from codellm.checkpoint import load_model
+    from codellm.tokenizer import load_tokenizer
+
+    path = args.model or default_model_path()
+    if args.model is None and not path.is_dir():
+        raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
+                        "(a Hugging Face Llama/Code Llama directory)")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is available on this machine")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)
+
+
+def print_stream(events) -> None:
+    last = None
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        last = event
+    if last is not None and not (last.text or "").endswith("\n"):
+        sys.stdout.write("\n")
+
+
+def read_text_arg(value: str | None, what: str) -> str:
+    if value is not None and value != "-":
+        return value
+    if sys.stdin.isatty() and value is None:
+        raise UserError(f"give the {what} as an argument or on standard input")
+    return sys.stdin.read()
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_complete(args):
+    from codellm import generate
+
+    params = sampling_params(args)
+    model, tok = load(args)
+    prompt = read_text_arg(args.prompt, "prompt")
+    if args.echo:
+        sys.stdout.write(prompt)
+    print_stream(generate.complete(model, tok, prompt, params))
+
+
+def cmd_infill(args):
+    from codellm import generate
+
+    params = sampling_params(args)
+    if args.file is not None:
+        if args.prefix is not None or args.suffix is not None:
+            raise UserError("use either --file/--cursor or --prefix/--suffix, not both")
+        try:
+            text = args.file.read_text()
+        except OSError as e:
+            raise UserError(f"--file {args.file}: {e.strerror}") from None
+        if text.count(args.cursor) != 1:
+            raise UserError(f"--file {args.file} must contain the cursor mark {args.cursor!r} exactly once "
+                            f"(found {text.count(args.cursor)})")
+        prefix, suffix = text.split(args.cursor)
+    else:
+        if args.prefix is None:
+            raise UserError("infill needs --prefix (and usually --suffix), or --file with a --cursor mark")
+        prefix, suffix = args.prefix, args.suffix or ""
+    model, tok = load(args)
+    events = generate.infill(model, tok, prefix, suffix, params, order=args.order)
+    if args.show_file:
+        middle = generate.collect(events)
+        sys.stdout.write(prefix + middle + suffix)
+    else:
+        print_stream(events)
+
+
+def cmd_chat(args):
+    from codellm import generate
+
+    params = sampling_params(args)
+    model, tok = load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:
+        messages.append({"role": "user", "content": read_text_arg(args.message, "message")})
+        print_stream(generate.chat(model, tok, messages, params))
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        answer = ""
+        for event in generate.chat(model, tok, messages, params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            answer += event.text
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
+
+
+def cmd_info(args):
+    from codellm.checkpoint import load_config, parse_dtype
+    from codellm.config import ModelConfig
+    from codellm.tokenizer import load_tokenizer
+
+    if args.preset:
+        cfg, tok, where = ModelConfig.from_preset(args.preset), None, f"preset {args.preset}"
+    else:
+        path = args.model or default_model_path()
+        cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
+    dtype = parse_dtype(args.dtype or "bfloat16")
+    nbytes = dtype.itemsize
+    n = cfg.num_params()
+    kv = cfg.kv_bytes_per_token(nbytes)
+    rows = [
+        ("model", where),
+        ("parameters", f"{n:,} ({n / 1e6:.1f}M)"),
+        ("layers / dim / ffn", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
+        ("heads (q / kv)", f"{cfg.n_heads} / {cfg.n_kv_heads}" + (" (GQA)" if cfg.n_kv_heads < cfg.n_heads else "")),
+        ("context", f"{cfg.max_seq_len:,} tokens"),
+        ("rope theta / scaling", f"{cfg.rope_theta:g} / {cfg.rope_scaling:g}"),
+        ("vocab", f"{cfg.vocab_size:,}"),
+        (f"weights in {str(dtype).removeprefix('torch.')}", _gib(n * nbytes)),
+        ("kv cache per token", f"{kv / 1024:.1f} KiB"),
+        ("kv cache, full context", _gib(kv * cfg.max_seq_len)),
+    ]
+    if tok is not None:
+        fim = "yes" if tok.prefix_id is not None else "no"
+        rows.append(("infilling tokens", f"{fim} (PRE/SUF/MID/EOT = {tok.prefix_id}/{tok.suffix_id}/"
+                                         f"{tok.middle_id}/{tok.eot_id})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codellm", description="Code Llama, self-hosted: complete, infill, "
+                                     "chat, train, serve and evaluate code models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("complete", help="left-to-right completion of a prompt")
+    p.add_argument("prompt", nargs="?", help="prompt text (default: standard input)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    add_model_options(p), add_sampling_options(p)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("infill", help="fill the middle between a prefix and a suffix (<PRE> <SUF> <MID>)")
+    p.add_argument("--prefix", help="code before the gap")
+    p.add_argument("--suffix", help="code after the gap")
+    p.add_argument("--file", type=Path, help="a file containing the cursor mark where the middle goes")
+    p.add_argument("--cursor", default="<FILL_ME>", help="cursor mark in --file (default: <FILL_ME>)")
+    p.add_argument("--order", choices=("psm", "spm"), default="psm",
+                   help="prefix-suffix-middle (default) or suffix-prefix-middle prompt layout")
+    p.add_argument("--show-file", action="store_true", help="print the whole filled file, not just the middle")
+    add_model_options(p), add_sampling_options(p, max_new_tokens=128)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("chat", help="instruction chat with the Llama-2 [INST] template")
+    p.add_argument("message", nargs="?", help="one-shot message; without it, read turns from standard input")
+    p.add_argument("--system", help="system prompt")
+    add_model_options(p), add_sampling_options(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="parameters, context, dtype, rope theta and memory of a model")
+    p.add_argument("--preset", help="describe a named preset instead of a model directory")
+    add_model_options(p)
+    p.set_defaults(func=cmd_info)
+
+    for module in ("codellm.data.cli",):
+        try:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"codellm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("codellm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if os.environ.get("CODELLM_DEBUG"):
+            raise
+        print(f"codellm: internal error: {type(e).__name__}: {e} (set CODELLM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny model directory (random weights + a small SentencePiece tokenizer) in the
+Hugging Face layout, built once per session, like a real Code Llama download but seconds to make."""
+
+import pytest
+import torch
+
+from codellm.checkpoint import save_model
+from codellm.config import ModelConfig
+from codellm.model import Transformer
+from codellm.tokenizer import load_tokenizer
+from tests.tokenizer_fixtures import make_sentencepiece_dir
+
+torch.set_num_threads(2)
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Transformer:
+    cfg = ModelConfig.from_preset("tiny", vocab_size=vocab_size, **overrides)
+    # a larger init than training uses makes greedy choices decisive (no near-ties between two tokens)
+    return Transformer(cfg).init_weights(seed=seed, std=0.3).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_model")
+    tok_dir = make_sentencepiece_dir(root / "tokenizer")
+    tok = load_tokenizer(tok_dir)
+    return save_model(tiny_model(tok.vocab_size), root / "model", tokenizer_dir=tok_dir)

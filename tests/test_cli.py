@@ -1,0 +1,133 @@
+"""`codellm` as a user runs it: real subprocesses on a tiny model directory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["complete", "infill", "chat", "info"]
+
+
+def run(*args, stdin="", env=None):
+    return subprocess.run([sys.executable, "-m", "codellm", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command):
+    out = run(*([command] if command else []), "--help")
+    assert out.returncode == 0
+    assert "usage: codellm" in out.stdout
+    if command in ("complete", "infill", "chat"):
+        assert "--temperature" in out.stdout and "--model" in out.stdout
+
+
+def test_complete_end_to_end(tiny_model_dir):
+    out = run("complete", "def add(a, b):", "--model", tiny_model_dir, "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    again = run("complete", "--model", tiny_model_dir, "--max-new-tokens", "12", stdin="def add(a, b):")
+    assert again.stdout == out.stdout and out.stdout.strip()  # greedy: same text from argument and stdin
+
+
+def test_infill_end_to_end(tiny_model_dir, tmp_path):
+    out = run("infill", "--model", tiny_model_dir, "--prefix", "def f(x):\n    ", "--suffix", "\n    return y\n",
+              "--max-new-tokens", "8", "--order", "spm")
+    assert out.returncode == 0, out.stderr
+    source = tmp_path / "a.py"
+    source.write_text("def f(x):\n    <FILL_ME>\n    return y\n")
+    filled = run("infill", "--model", tiny_model_dir, "--file", source, "--show-file", "--max-new-tokens", "8")
+    assert filled.returncode == 0, filled.stderr
+    assert filled.stdout.startswith("def f(x):\n    ") and filled.stdout.endswith("\n    return y\n")
+
+
+def test_chat_one_shot_and_interactive(tiny_model_dir):
+    out = run("chat", "hello", "--system", "be brief", "--model", tiny_model_dir, "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    turns = run("chat", "--model", tiny_model_dir, "--max-new-tokens", "4", stdin="hi\nand again\n")
+    assert turns.returncode == 0, turns.stderr
+    assert turns.stdout.count("\n") >= 2
+
+
+def test_info(tiny_model_dir):
+    out = run("info", "--model", tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    assert "parameters" in out.stdout and "GQA" in out.stdout and "1e+06" in out.stdout
+    assert "yes (PRE/SUF/MID/EOT = " in out.stdout
+    preset = run("info", "--preset", "codellama-34b")
+    assert "64 / 8 (GQA)" in preset.stdout and "16,384 tokens" in preset.stdout
+
+
+def assert_user_error(out, *fragments):
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.startswith("codellm: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in out.stderr
+
+
+def broken_copy(tiny_model_dir, tmp_path, edit):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    edit(bad)
+    return bad
+
+
+def test_error_missing_model_dir(tmp_path):
+    assert_user_error(run("complete", "x", "--model", tmp_path / "nope"), "does not exist")
+
+
+def test_error_not_llama(tiny_model_dir, tmp_path):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    assert_user_error(run("complete", "x", "--model", broken_copy(tiny_model_dir, tmp_path, edit)),
+                      "not a Llama architecture")
+
+
+def _rewrite_weights(d, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    change(tensors)
+    save_file(tensors, d / "model.safetensors")
+
+
+def test_error_missing_tensor(tiny_model_dir, tmp_path):
+    bad = broken_copy(tiny_model_dir, tmp_path,
+                      lambda d: _rewrite_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")))
+    assert_user_error(run("complete", "x", "--model", bad), "missing tensors", "layers.1.mlp.up_proj.weight")
+
+
+def test_error_shape_mismatch(tiny_model_dir, tmp_path):
+    def shrink(t):
+        t["model.norm.weight"] = t["model.norm.weight"][:10].clone()
+
+    bad = broken_copy(tiny_model_dir, tmp_path, lambda d: _rewrite_weights(d, shrink))
+    assert_user_error(run("complete", "x", "--model", bad), "model.norm.weight", "shape (10,)")
+
+
+def test_error_prompt_too_long(tiny_model_dir):
+    assert_user_error(run("complete", "--model", tiny_model_dir, stdin="x = 1\n" * 400), "context is 256 tokens")
+
+
+def test_error_bad_sampling_flag(tiny_model_dir):
+    assert_user_error(run("complete", "x", "--model", tiny_model_dir, "--top-p", "1.5"), "top_p")
+
+
+def test_error_infill_cursor_missing(tiny_model_dir, tmp_path):
+    source = tmp_path / "a.py"
+    source.write_text("no cursor here\n")
+    assert_user_error(run("infill", "--model", tiny_model_dir, "--file", source), "<FILL_ME>", "exactly once")
+
+
+def test_error_no_cuda(tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert_user_error(run("complete", "x", "--model", tiny_model_dir, "--device", "cuda"), "no CUDA device")
