@@ -81,12 +81,14 @@ def main():
             ours = load_model(tmp, dtype=dtype)
             hf = LlamaForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype)).eval()
             floor = bandwidth / decode_bytes(ours)
-            rows.append((dtype, time_ours(ours, prompt, args.new_tokens), time_hf(hf, prompt, args.new_tokens), floor))
+            ours_speed, hf_speed = time_ours(ours, prompt, args.new_tokens), time_hf(hf, prompt, args.new_tokens)
+            rows.append((dtype, ours_speed, hf_speed, floor))
             del ours, hf
     n_params = ModelConfig(**BENCH_CONFIG).num_params()
     print(f"\nbatch-1 decode, {n_params / 1e6:.0f}M-param Llama, prompt {args.prompt_tokens}, "
           f"{args.new_tokens} new tokens, {args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    print("| dtype | codellm tok/s | transformers tok/s | codellm / transformers | bandwidth floor tok/s | codellm / floor |")
+    print("| dtype | codellm tok/s | transformers tok/s | codellm / transformers | bandwidth floor tok/s "
+          "| codellm / floor |")
     print("|---|---|---|---|---|---|")
     for dtype, ours, hf, floor in rows:
         print(f"| {dtype} | {ours:.1f} | {hf:.1f} | {ours / hf:.2f}x | {floor:.1f} | {ours / floor:.0%} |")

@@ -72,7 +72,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
         rope_scaling=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
-        norm_eps=hf.get("rms_norm_eps", 1e-6), bos_id=hf.get("bos_token_id", 1), eos_id=_first(hf.get("eos_token_id", 2)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), bos_id=hf.get("bos_token_id", 1),
+        eos_id=_first(hf.get("eos_token_id", 2)),
     )
 
 
