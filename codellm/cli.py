@@ -191,6 +191,19 @@ def cmd_info(args):
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_tokenizer_train(args):
+    from itertools import islice
+
+    from codellm.data.shards import read_corpus
+    from codellm.tokenizer_train import train_tokenizer
+
+    if args.max_docs is not None and args.max_docs < 1:
+        raise UserError(f"--max-docs must be >= 1 (got {args.max_docs})")
+    texts = (doc["text"] for doc in read_corpus(args.corpus, "train"))
+    out = train_tokenizer(islice(texts, args.max_docs), args.out, vocab_size=args.vocab_size)
+    print(f"tokenizer written to {out}")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -230,12 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(func=cmd_info)
 
-    for module in ("codellm.data.cli",):
-        try:
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the infilling tokens")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train on the train split of a corpus (codellm data build)")
+    t.add_argument("--corpus", type=Path, required=True, help="corpus directory from `codellm data build`")
+    t.add_argument("--out", type=Path, required=True, help="output directory (tokenizer.json + config)")
+    t.add_argument("--vocab-size", type=int, default=16384)
+    t.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    for module in ("codellm.data.cli", "codellm.train.cli"):
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

@@ -1,0 +1,269 @@
+"""Training batches: document streams -> examples (causal, infilling, chat) -> packed rows.
+
+Every stage is a different example source over the same packer, and every piece is resumable: its
+`state_dict()` (JSON-able: file positions, the transform's RNG, partly packed rows) restores the exact
+stream, so a resumed run sees the same tokens as an uninterrupted one.
+
+Packing policy: rows hold `seq_len + 1` tokens (inputs = row[:-1], targets = row[1:]; rows do not
+overlap, so a row's first token is context only). Documents are `BOS text EOS` (or an infilling
+example) concatenated back to back, and a document that does not fit continues in the next row;
+attention is not masked at document boundaries (as Llama). Chat examples are kept whole: one that does
+not fit in what is left of a row starts a new row (the rest is padding with loss weight 0), and one
+longer than a row is skipped. Every token carries a loss weight: 1 for documents, the answer mask for
+chat, 0 for padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codellm.errors import UserError
+from codellm.formats import chat_tokens, infill_example, split_document
+from codellm.tokenizer import Tokenizer
+from codellm.train.config import TrainConfig
+from codellm.train.docstrings import docstring_dialogs
+from codellm.train.streams import JsonlStream, corpus_files, rng_state, set_rng_state
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    weights: list[int] | None = None  # loss weight per token; None = all 1
+    whole: bool = False  # never split across rows (chat dialogs)
+
+
+def fim_transform(tok: Tokenizer, rng: random.Random, text: str, max_len: int, fim_rate: float,
+                  spm_rate: float) -> tuple[list[int], str]:
+    """One document as a training sequence and its kind ("ar", "psm" or "spm").
+
+    With probability `fim_rate` a document that fits in one row (`max_len` tokens) becomes an
+    infilling example: two character positions split it into prefix/middle/suffix, and the order is SPM
+    with probability `spm_rate`. Longer documents stay left-to-right (Code Llama paper §2.3).
+    """
+    ids = tok.encode(text, bos=True, eos=True)
+    if len(ids) > max_len or rng.random() >= fim_rate:
+        return ids, "ar"
+    prefix, middle, suffix = split_document(rng, text)
+    order = "spm" if rng.random() < spm_rate else "psm"
+    return infill_example(tok, prefix, middle, suffix, order), order
+
+
+class DocumentExamples:
+    """Corpus documents as causal / infilling examples."""
+
+    def __init__(self, docs: JsonlStream, tok: Tokenizer, seq_len: int, fim_rate: float, spm_rate: float,
+                 seed: int | str):
+        self.docs, self.tok, self.seq_len, self.fim_rate, self.spm_rate = docs, tok, seq_len, fim_rate, spm_rate
+        self.rng = random.Random(seed)
+
+    def __next__(self) -> Example:
+        text = next(self.docs)["text"]
+        ids, _ = fim_transform(self.tok, self.rng, text, self.seq_len + 1, self.fim_rate, self.spm_rate)
+        return Example(ids)
+
+    def state_dict(self) -> dict:
+        return {"docs": self.docs.state_dict(), "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.docs.load_state_dict(state["docs"])
+        set_rng_state(self.rng, state["rng"])
+
+
+class ChatExamples:
+    """Dialogs (lists of {role, content}) as [INST] examples with the loss on answers only.
+
+    A dialog longer than a row is skipped: cut, it would lose its answer or the prompt the answer needs.
+    """
+
+    MAX_SKIPPED = 1000  # in a row: then no dialog fits and the stream would spin forever
+
+    def __init__(self, dialogs: Iterator[list[dict]], tok: Tokenizer, max_len: int):
+        self.dialogs, self.tok, self.max_len = dialogs, tok, max_len
+
+    def __next__(self) -> Example:
+        for _ in range(self.MAX_SKIPPED):
+            ids, mask = chat_tokens(self.tok, next(self.dialogs))
+            if len(ids) <= self.max_len:
+                return Example(ids, mask, whole=True)
+        raise UserError(f"{self.MAX_SKIPPED} dialogs in a row are longer than a row of {self.max_len} tokens: "
+                        "raise --seq-len")
+
+    def state_dict(self) -> dict:
+        return self.dialogs.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dialogs.load_state_dict(state)
+
+
+class UserDialogs:
+    """{"system"?, "messages": [...]} records of the user's SFT files as message lists."""
+
+    def __init__(self, records: JsonlStream):
+        self.records = records
+
+    def __next__(self) -> list[dict]:
+        record = next(self.records)
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise UserError(f"--sft-data: each line must be an object with a 'messages' list, got {str(record)[:80]}")
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return system + record["messages"]
+
+    def state_dict(self) -> dict:
+        return self.records.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records.load_state_dict(state)
+
+
+class MinedDialogs:
+    """Docstring -> function dialogs mined from Python documents (see docstrings.py)."""
+
+    def __init__(self, docs: JsonlStream):
+        self.docs, self.pending = docs, []
+
+    def __next__(self) -> list[dict]:
+        give_up = self.docs.pos["epoch"] + 2  # a whole epoch without a single documented function
+        while not self.pending:
+            if self.docs.pos["epoch"] >= give_up:
+                raise UserError("no Python function with a docstring to mine in --corpus; "
+                                "pass --no-mine-docstrings and --sft-data FILE")
+            self.pending = docstring_dialogs(next(self.docs)["text"])
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"docs": self.docs.state_dict(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.docs.load_state_dict(state["docs"])
+        self.pending = list(state["pending"])
+
+
+class Mixture:
+    """Draws each example from one of several sources with the given probabilities."""
+
+    def __init__(self, sources: list[tuple[object, float]], seed: int | str):
+        self.sources = [s for s, w in sources if w > 0]
+        self.weights = [w for _, w in sources if w > 0]
+        self.rng = random.Random(seed)
+
+    def __next__(self):
+        return next(self.rng.choices(self.sources, self.weights)[0])
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.rng), "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])
+        for source, s in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(s)
+
+
+class Packer:
+    """Packs examples into rows of `seq_len + 1` tokens (see the module docstring for the policy)."""
+
+    def __init__(self, examples, seq_len: int, pad_id: int):
+        self.examples, self.row_len, self.pad_id = examples, seq_len + 1, pad_id
+        self.rest: tuple[list[int], list[int]] = ([], [])  # the part of an example that did not fit yet
+
+    def next_row(self) -> tuple[list[int], list[int]]:
+        ids, weights = [], []
+        while len(ids) < self.row_len:
+            if not self.rest[0]:
+                ex = next(self.examples)
+                ex_weights = ex.weights if ex.weights is not None else [1] * len(ex.ids)
+                self.rest = (ex.ids, ex_weights)
+                if ex.whole and len(ex.ids) > self.row_len - len(ids):
+                    break  # pad this row; the dialog starts the next one (it fits in a row)
+            take = self.row_len - len(ids)
+            ids += self.rest[0][:take]
+            weights += self.rest[1][:take]
+            self.rest = (self.rest[0][take:], self.rest[1][take:])
+        pad = self.row_len - len(ids)
+        return ids + [self.pad_id] * pad, weights + [0] * pad
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, weights), each (rows, seq_len + 1)."""
+        batch = [self.next_row() for _ in range(rows)]
+        return torch.tensor([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"examples": self.examples.state_dict(), "rest": [list(self.rest[0]), list(self.rest[1])]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.examples.load_state_dict(state["examples"])
+        self.rest = (list(state["rest"][0]), list(state["rest"][1]))
+
+
+class Prefetcher:
+    """Draws the next optimizer step's micro-batches in a background thread while this step computes.
+
+    Tokenizing runs outside the GIL, so on a machine with a spare core data costs no step time. The
+    resumable position is the one after the step handed out last, not after the one being prepared.
+    """
+
+    def __init__(self, packer: Packer, rows: int, accum: int, pin: bool):
+        self.packer, self.rows, self.accum, self.pin = packer, rows, accum, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.state = packer.state_dict()
+        self.pending = self.pool.submit(self._draw)
+
+    def _draw(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+        micro = [self.packer.next_batch(self.rows) for _ in range(self.accum)]
+        if self.pin:
+            micro = [(t.pin_memory(), w.pin_memory()) for t, w in micro]
+        return micro, self.packer.state_dict()
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        micro, self.state = self.pending.result()
+        self.pending = self.pool.submit(self._draw)
+        return micro
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_batches(cfg: TrainConfig, tok: Tokenizer, seq_len: int, split: str, rank: int = 0,
+                 world: int = 1) -> Packer | None:
+    """The packed stream of one stage for this rank; None when `split` has nothing for the stage
+    (e.g. validation of SFT on user dialogs only, which have no held-out split)."""
+    d = cfg.data
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+    def docs(langs: tuple[str, ...]) -> JsonlStream:
+        keep = (lambda doc: doc.get("lang") in langs) if langs else None
+        what = f"{'/'.join(langs)} documents" if langs else "documents"
+        return JsonlStream(corpus_files(d.corpus, split), rank, world, cfg.seed, keep, what)
+
+    documents = None
+    if d.corpus is not None and (cfg.stage != "sft" or d.rehearsal > 0):
+        documents = DocumentExamples(docs(d.langs), tok, seq_len, d.fim_rate, d.spm_rate,
+                                     seed=f"{cfg.seed}-fim-{split}-{rank}")
+    if cfg.stage != "sft":
+        return Packer(documents, seq_len, pad_id)
+    dialogs = []
+    if d.mine_docstrings and d.corpus is not None:
+        dialogs.append((MinedDialogs(docs(("python",))), d.mined_share if d.sft_data else 1.0))
+    if d.sft_data and split == "train":
+        files = [Path(f) for f in d.sft_data]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"--sft-data: no such file(s): {', '.join(missing)}")
+        records = JsonlStream(files, rank, world, cfg.seed, what="SFT dialogs")
+        dialogs.append((UserDialogs(records), 1.0 - d.mined_share if len(dialogs) else 1.0))
+    if not dialogs:
+        if split == "train":
+            raise UserError("--stage sft has no dialogs: pass --sft-data FILE or mine a --corpus")
+        return None
+    chat = ChatExamples(Mixture(dialogs, seed=f"{cfg.seed}-dialogs-{split}-{rank}"), tok, seq_len + 1)
+    rehearsal = d.rehearsal if documents is not None else 0.0
+    examples = Mixture([(chat, 1.0 - rehearsal), (documents, rehearsal)], seed=f"{cfg.seed}-mix-{split}-{rank}")
+    return Packer(examples, seq_len, pad_id)

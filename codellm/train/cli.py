@@ -1,0 +1,139 @@
+"""`codellm train --stage pretrain|long-context|python|sft ...` and `codellm train plot RUN_DIR`.
+
+Every flag overrides the stage preset field of the same name (codellm/train/config.py). Also runs alone
+and under torchrun: `torchrun --nproc_per_node 2 -m codellm.train.cli train --stage pretrain ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from codellm.errors import UserError
+from codellm.train.config import STAGES, TrainConfig, apply_overrides
+
+# (flag, type, help) per config field; the field name is the flag without dashes, "-" -> "_"
+RUN_FLAGS = [
+    ("--out", str, "run directory: config.json, metrics.jsonl, checkpoints/, final/"),
+    ("--init", str, "HF checkpoint to continue from (required for every stage but pretrain)"),
+    ("--model-preset", str, "model preset when pretraining from scratch (default: default)"),
+    ("--tokenizer", str, "tokenizer directory (default: the --init checkpoint's)"),
+    ("--rope-theta", float, "set RoPE theta (long-context default: 1e6)"),
+    ("--seq-len-multiplier", int, "long-context: new context = init context x this (default 4)"),
+    ("--steps", int, "optimizer steps"),
+    ("--batch-tokens", int, "tokens per optimizer step over all ranks (a multiple of rows x seq-len x ranks)"),
+    ("--micro-batch-size", int, "rows per forward pass on one rank (gradient accumulation fills the rest)"),
+    ("--seed", int, "seed of the initialisation and of the data order/transform"),
+    ("--device", str, "cpu, cuda (default: cuda if available)"),
+    ("--precision", str, "auto (bf16 autocast on CUDA), bf16 or fp32"),
+    ("--log-every", int, "steps between progress lines"),
+    ("--eval-every", int, "steps between validation losses (0 = off)"),
+    ("--eval-batches", int, "micro-batches per validation"),
+    ("--save-every", int, "steps between resumable checkpoints (0 = off; a multiple of --log-every)"),
+    ("--keep-last", int, "resumable checkpoints to keep"),
+    ("--peak-tflops", float, "device peak for the MFU estimate (default: datasheet or measured)"),
+]
+OPTIM_FLAGS = [
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr-ratio", float, "final lr / peak lr (default 1/30)"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--weight-decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    ("--beta1", float, "AdamW beta1 (0.9)"),
+    ("--beta2", float, "AdamW beta2 (0.95)"),
+    ("--eps", float, "AdamW epsilon (1e-5)"),
+    ("--grad-clip", float, "max gradient norm (1.0; 0 = off)"),
+]
+DATA_FLAGS = [
+    ("--corpus", str, "corpus directory from `codellm data build` (JSONL documents per split)"),
+    ("--seq-len", int, "tokens per training row (default: the model's context)"),
+    ("--fim-rate", float, "share of documents made infilling examples (pretrain 0.9, python 0)"),
+    ("--spm-rate", float, "share of infilling examples in SPM order (0.5)"),
+    ("--mined-share", float, "sft: share of docstring-mined dialogs when --sft-data is given (0.5)"),
+    ("--rehearsal", float, "sft: share of pretraining documents mixed in (0.08)"),
+]
+
+
+def add_parser(subparsers) -> None:
+    """Add `train` (and `train plot`) to an argparse subparsers object; each sets `func`."""
+    configure(subparsers.add_parser("train", help="train a model: pretrain, long-context, python, sft",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="train_action", metavar="plot")
+    plot = actions.add_parser("plot", help="render RUN_DIR/metrics.jsonl as a PNG of the loss curves")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--png", type=Path, default=None, help="output file (default: RUN_DIR/loss.png)")
+    plot.set_defaults(func=run_plot)
+
+    p.add_argument("--stage", choices=STAGES, help="which Code Llama stage's preset to start from")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    for title, flags in (("run", RUN_FLAGS), ("optimizer", OPTIM_FLAGS), ("data", DATA_FLAGS)):
+        g = p.add_argument_group(title)
+        for flag, kind, help_text in flags:
+            metavar = "DIR" if flag in ("--out", "--init", "--tokenizer", "--corpus") else None
+            g.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
+    g = p.add_argument_group("flags")
+    g.add_argument("--fsdp", action="store_const", const=True, help="shard the model across ranks (FSDP)")
+    g.add_argument("--lang", dest="langs", action="append", metavar="LANG",
+                   help="keep documents of this language, e.g. python (repeatable)")
+    g.add_argument("--sft-data", action="append", metavar="FILE",
+                   help="sft: JSONL of {system?, messages} dialogs (repeatable)")
+    g.add_argument("--no-mine-docstrings", dest="mine_docstrings", action="store_const", const=False,
+                   help="sft: do not mine docstring -> function dialogs from the corpus")
+    p.set_defaults(func=run_train)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in RUN_FLAGS + OPTIM_FLAGS + DATA_FLAGS]
+    names += ["fsdp", "langs", "sft_data", "mine_docstrings"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from codellm.train.loop import train
+
+    if args.resume:
+        cfg = saved_config(args.out)
+        if args.stage not in (None, cfg.stage):
+            raise UserError(f"--stage {args.stage}: the run in {args.out} is a {cfg.stage} run")
+        apply_overrides(cfg, overrides(args))
+        cfg.validate()
+    elif args.stage is None:
+        raise UserError(f"--stage is required ({', '.join(STAGES)}), or `train plot RUN_DIR`")
+    else:
+        cfg = TrainConfig.for_stage(args.stage, **overrides(args))
+    train(cfg, resume=args.resume)
+
+
+def saved_config(out: str | None) -> TrainConfig:
+    if out is None:
+        raise UserError("--resume needs --out RUN_DIR")
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume: {path} does not exist")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    from codellm.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.png))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="codellm")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"codellm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
