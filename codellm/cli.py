@@ -194,12 +194,16 @@ def cmd_info(args):
 def cmd_tokenizer_train(args):
     from itertools import islice
 
-    from codellm.data.shards import read_corpus
+    from codellm.data.build import FORMAT as CORPUS_FORMAT
+    from codellm.data.shards import load_manifest, read_corpus
     from codellm.tokenizer_train import train_tokenizer
 
     if args.max_docs is not None and args.max_docs < 1:
         raise UserError(f"--max-docs must be >= 1 (got {args.max_docs})")
-    texts = (doc["text"] for doc in read_corpus(args.corpus, "train"))
+    n_docs = load_manifest(args.corpus, CORPUS_FORMAT, "--corpus")["splits"]["train"]["docs"]
+    # the corpus is stored package by package: an even stride samples every part of it
+    stride = max(1, n_docs // args.max_docs) if args.max_docs else 1
+    texts = islice((doc["text"] for doc in read_corpus(args.corpus, "train")), 0, None, stride)
     out = train_tokenizer(islice(texts, args.max_docs), args.out, vocab_size=args.vocab_size)
     print(f"tokenizer written to {out}")
 
