@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Train codellm's shipped default model from nothing, on this machine's offline sources:
 # corpus -> tokenizer -> pretrain (+infilling) -> long-context -> sft, then copy to models/.
-# Sized for 2 CPU cores in about an hour and a half; STEPS_* and BATCH scale it (a GPU run uses the same
+# Sized for 2 CPU cores in about an hour; STEPS_* and BATCH scale it (a GPU run uses the same
 # stages with larger numbers). Every stage resumes exactly where it stopped if the script is re-run.
 #   bash runs/default_model.sh            # everything, into runs/default/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/default}
-STEPS_PRETRAIN=${STEPS_PRETRAIN:-600}
-STEPS_LONG=${STEPS_LONG:-30}
-STEPS_SFT=${STEPS_SFT:-80}
+STEPS_PRETRAIN=${STEPS_PRETRAIN:-1200}
+STEPS_LONG=${STEPS_LONG:-40}
+STEPS_SFT=${STEPS_SFT:-120}
 BATCH=${BATCH:-4096}   # tokens per optimizer step
 mkdir -p "$RUN"
 stage() {  # name, then the command; records wall time per stage in $RUN/times.tsv
