@@ -15,16 +15,21 @@ from codellm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "default"
+DEFAULT_INSTRUCT_MODEL = REPO_ROOT / "models" / "default-instruct"
 
 
-def default_model_path() -> Path:
-    return Path(os.environ.get("CODELLM_MODEL", DEFAULT_MODEL))
+def default_model_path(instruct: bool = False) -> Path:
+    """$CODELLM_MODEL, else the shipped base model (chat: its instruct variant)."""
+    if "CODELLM_MODEL" in os.environ:
+        return Path(os.environ["CODELLM_MODEL"])
+    return DEFAULT_INSTRUCT_MODEL if instruct and DEFAULT_INSTRUCT_MODEL.is_dir() else DEFAULT_MODEL
 
 
 def add_model_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--model", type=Path, default=None,
-                   help="HF-layout model directory (default: $CODELLM_MODEL or the shipped models/default)")
+                   help="HF-layout model directory (default: $CODELLM_MODEL, else the shipped models/default, "
+                        "or models/default-instruct for chat)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                                                   "bfloat16 on cuda)")
@@ -41,6 +46,22 @@ def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_engine_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="memory for the KV cache, e.g. 512M or 2G; a request that does not fit is an error "
+                        "(default: what the request needs)")
+
+
+def engine_stream(args, model, tok, ids: list[int], params):
+    """Events of one request through the engine, its slot sized for the request (as --kv-memory allows)."""
+    from codellm.engine import Engine, parse_size
+
+    kv_memory = parse_size(args.kv_memory) if args.kv_memory else None
+    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + params.max_new_tokens, kv_memory=kv_memory)
+    return engine.stream(ids, params)
+
+
 def sampling_params(args):
     from codellm.generate import SamplingParams
 
@@ -49,12 +70,12 @@ def sampling_params(args):
                           stop=tuple(args.stop))
 
 
-def load(args):
+def load(args, instruct: bool = False):
     """(model, tokenizer) from --model/--device/--dtype."""
     from codellm.checkpoint import load_model
     from codellm.tokenizer import load_tokenizer
 
-    path = args.model or default_model_path()
+    path = args.model or default_model_path(instruct)
     if args.model is None and not path.is_dir():
         raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
                         "(a Hugging Face Llama/Code Llama directory)")
@@ -88,18 +109,17 @@ def read_text_arg(value: str | None, what: str) -> str:
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_complete(args):
-    from codellm import generate
-
     params = sampling_params(args)
     model, tok = load(args)
     prompt = read_text_arg(args.prompt, "prompt")
+    ids = tok.encode(prompt, bos=True)
     if args.echo:
         sys.stdout.write(prompt)
-    print_stream(generate.complete(model, tok, prompt, params))
+    print_stream(engine_stream(args, model, tok, ids, params))
 
 
 def cmd_infill(args):
-    from codellm import generate
+    from codellm import formats, generate
 
     params = sampling_params(args)
     if args.file is not None:
@@ -118,7 +138,8 @@ def cmd_infill(args):
             raise UserError("infill needs --prefix (and usually --suffix), or --file with a --cursor mark")
         prefix, suffix = args.prefix, args.suffix or ""
     model, tok = load(args)
-    events = generate.infill(model, tok, prefix, suffix, params, order=args.order)
+    ids = formats.infill_prompt(tok, prefix, suffix, args.order)
+    events = engine_stream(args, model, tok, ids, params)
     if args.show_file:
         middle = generate.collect(events)
         sys.stdout.write(prefix + middle + suffix)
@@ -127,14 +148,14 @@ def cmd_infill(args):
 
 
 def cmd_chat(args):
-    from codellm import generate
+    from codellm import formats
 
     params = sampling_params(args)
-    model, tok = load(args)
+    model, tok = load(args, instruct=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": read_text_arg(args.message, "message")})
-        print_stream(generate.chat(model, tok, messages, params))
+        print_stream(engine_stream(args, model, tok, formats.chat_tokens(tok, messages)[0], params))
         return
     interactive = sys.stdin.isatty()
     while True:
@@ -148,7 +169,7 @@ def cmd_chat(args):
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         answer = ""
-        for event in generate.chat(model, tok, messages, params):
+        for event in engine_stream(args, model, tok, formats.chat_tokens(tok, messages)[0], params):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             answer += event.text
@@ -222,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="left-to-right completion of a prompt")
     p.add_argument("prompt", nargs="?", help="prompt text (default: standard input)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    add_model_options(p), add_sampling_options(p)
+    add_model_options(p), add_sampling_options(p), add_engine_options(p)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("infill", help="fill the middle between a prefix and a suffix (<PRE> <SUF> <MID>)")
@@ -233,13 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=("psm", "spm"), default="psm",
                    help="prefix-suffix-middle (default) or suffix-prefix-middle prompt layout")
     p.add_argument("--show-file", action="store_true", help="print the whole filled file, not just the middle")
-    add_model_options(p), add_sampling_options(p, max_new_tokens=128)
+    add_model_options(p), add_sampling_options(p, max_new_tokens=128), add_engine_options(p)
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("chat", help="instruction chat with the Llama-2 [INST] template")
     p.add_argument("message", nargs="?", help="one-shot message; without it, read turns from standard input")
     p.add_argument("--system", help="system prompt")
-    add_model_options(p), add_sampling_options(p, max_new_tokens=512)
+    add_model_options(p), add_sampling_options(p, max_new_tokens=512), add_engine_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="parameters, context, dtype, rope theta and memory of a model")
@@ -256,13 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    for module in ("codellm.data.cli", "codellm.train.cli"):
+    for module in ("codellm.data.cli", "codellm.train.cli", "codellm.eval.cli"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run(build_parser(), argv)
+
+
+def run_standalone(add_parser, argv: list[str] | None = None) -> int:
+    """`python -m codellm.<area>.cli ...` (e.g. under torchrun): one area's commands, same error handling."""
+    parser = argparse.ArgumentParser(prog="codellm")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser, argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)

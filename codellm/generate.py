@@ -164,29 +164,43 @@ class StopMatcher:
         return out
 
 
+class TextStream:
+    """The text side of one generation, pushed one token at a time: ids in, `Event`s out.
+
+    EOS and EOT always end the stream, as do `params.stop_ids` and `params.stop` strings. Shared by
+    `stream_text` (pull) and the engine (push, one request among many).
+    """
+
+    def __init__(self, tok, params: SamplingParams):
+        self.ends = {tok.eos_id: "eos"} | ({tok.eot_id: "eot"} if tok.eot_id is not None else {})
+        self.stop_ids = set(self.ends) | set(params.stop_ids)
+        self.decoder, self.matcher = tok.stream_decoder(), StopMatcher(params.stop)
+
+    def push(self, token: int) -> Event:
+        if token in self.stop_ids:
+            return self.finish(self.ends.get(token, "stop"), token)
+        text = self.matcher.push(self.decoder.push(token))
+        if self.matcher.matched is not None:
+            return Event(token, text, True, "stop", self.matcher.matched)
+        return Event(token, text)
+
+    def finish(self, reason: str, token: int | None = None) -> Event:
+        """Last event: whatever text the decoder and the matcher still hold (a stop string may end it)."""
+        text = self.matcher.push(self.decoder.flush())
+        if self.matcher.matched is not None:
+            return Event(token, text, True, "stop", self.matcher.matched)
+        return Event(token, text + self.matcher.flush(), True, reason)
+
+
 def stream_text(model: Transformer, tok, prompt_ids: list[int], params: SamplingParams) -> Iterator[Event]:
     """Generate from `prompt_ids`, yielding text deltas; EOS and EOT end the stream."""
-    ends = {tok.eos_id: "eos"} | ({tok.eot_id: "eot"} if tok.eot_id is not None else {})
-    stop_ids = set(ends) | set(params.stop_ids)
-    decoder, matcher = tok.stream_decoder(), StopMatcher(params.stop)
-    for token in generate_tokens(model, prompt_ids, params, stop_ids):
-        if token in stop_ids:
-            yield _final(token, matcher, decoder, ends.get(token, "stop"))
+    stream = TextStream(tok, params)
+    for token in generate_tokens(model, prompt_ids, params, stream.stop_ids):
+        event = stream.push(token)
+        yield event
+        if event.finished:
             return
-        text = matcher.push(decoder.push(token))
-        if matcher.matched is not None:
-            yield Event(token, text, True, "stop", matcher.matched)
-            return
-        yield Event(token, text)
-    yield _final(None, matcher, decoder, "length")
-
-
-def _final(token: int | None, matcher: StopMatcher, decoder, reason: str) -> Event:
-    """Last event: whatever text the decoder and the matcher still hold (a stop string may end it)."""
-    text = matcher.push(decoder.flush())
-    if matcher.matched is not None:
-        return Event(token, text, True, "stop", matcher.matched)
-    return Event(token, text + matcher.flush(), True, reason)
+    yield stream.finish("length")
 
 
 def collect(events: Iterator[Event]) -> str:

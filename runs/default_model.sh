@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/default}
-STEPS_PRETRAIN=${STEPS_PRETRAIN:-1200}
-STEPS_LONG=${STEPS_LONG:-40}
-STEPS_SFT=${STEPS_SFT:-120}
-BATCH=${BATCH:-4096}   # tokens per optimizer step
+STEPS_PRETRAIN=${STEPS_PRETRAIN:-400}
+STEPS_LONG=${STEPS_LONG:-20}
+STEPS_SFT=${STEPS_SFT:-40}
+BATCH=${BATCH:-8192}   # tokens per optimizer step
 mkdir -p "$RUN"
 stage() {  # name, then the command; records wall time per stage in $RUN/times.tsv
     local name=$1; shift
@@ -34,21 +34,21 @@ resume() { [ -d "$RUN/$1/checkpoints" ] && echo --resume || true; }
 [ -f "$RUN/pretrain/final/config.json" ] || stage pretrain $PY -m codellm train --stage pretrain \
     $(resume pretrain) --out "$RUN/pretrain" --corpus "$RUN/corpus" --tokenizer "$RUN/tokenizer" \
     --model-preset default --rope-theta 10000 --seq-len 512 --steps "$STEPS_PRETRAIN" \
-    --batch-tokens "$BATCH" --micro-batch-size 8 --lr 2e-3 --warmup-steps 50 \
-    --log-every 10 --eval-every 100 --eval-batches 8 --save-every 100 --device cpu
+    --batch-tokens "$BATCH" --micro-batch-size 8 --lr 1e-3 --warmup-steps 30 \
+    --log-every 10 --eval-every 100 --eval-batches 8 --save-every 50 --device cpu
 
 # 4. long-context fine-tuning: theta 1e4 -> 1e6, context x4 (2048)
 [ -f "$RUN/long/final/config.json" ] || stage long-context $PY -m codellm train --stage long-context \
     $(resume long) --out "$RUN/long" --init "$RUN/pretrain/final" --corpus "$RUN/corpus" \
     --rope-theta 1e6 --seq-len-multiplier 4 --steps "$STEPS_LONG" --batch-tokens "$BATCH" \
-    --micro-batch-size 2 --lr 3e-4 --warmup-steps 5 --log-every 5 --eval-every 15 --eval-batches 4 \
-    --save-every 15 --device cpu
+    --micro-batch-size 2 --lr 3e-4 --warmup-steps 4 --log-every 5 --eval-every 10 --eval-batches 4 \
+    --save-every 10 --device cpu
 
 # 5. instruct variant: docstring -> function dialogs mined from the corpus, with 8% rehearsal
 [ -f "$RUN/sft/final/config.json" ] || stage sft $PY -m codellm train --stage sft \
     $(resume sft) --out "$RUN/sft" --init "$RUN/long/final" --corpus "$RUN/corpus" \
     --steps "$STEPS_SFT" --batch-tokens "$BATCH" --micro-batch-size 8 --seq-len 512 --lr 2e-4 \
-    --warmup-steps 10 --log-every 10 --eval-every 40 --eval-batches 4 --save-every 40 --device cpu
+    --warmup-steps 5 --log-every 5 --eval-every 20 --eval-batches 4 --save-every 20 --device cpu
 
 for s in pretrain long sft; do $PY -m codellm train plot "$RUN/$s"; done
 echo "done: $RUN/long/final (base) and $RUN/sft/final (instruct)"

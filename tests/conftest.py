@@ -25,3 +25,12 @@ def tiny_model_dir(tmp_path_factory):
     tok_dir = make_sentencepiece_dir(root / "tokenizer")
     tok = load_tokenizer(tok_dir)
     return save_model(tiny_model(tok.vocab_size), root / "model", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run fastest that way on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

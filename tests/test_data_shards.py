@@ -11,6 +11,8 @@ from codellm.data.cli import main
 from codellm.data.shards import TokenShards, read_corpus, tokenize_corpus
 from codellm.data.sources import open_source
 from codellm.errors import UserError
+from codellm.tokenizer import load_tokenizer
+from codellm.tokenizer_train import train_tokenizer
 from tests.test_data_build import CONFIG, make_archives, py_module, write
 
 
@@ -88,14 +90,12 @@ def test_empty_split_reads_as_zero_docs(tmp_path):
 
 
 def test_cli_tokenize_with_real_tokenizer(tmp_path, corpus):
-    tokenizer = pytest.importorskip("codellm.tokenizer", reason="codellm.tokenizer not written yet")
-    train_mod = pytest.importorskip("codellm.tokenizer_train", reason="codellm.tokenizer_train not written yet")
     texts = [d["text"] for d in read_corpus(corpus, "train")]
-    train_mod.train_tokenizer(texts, tmp_path / "tok", vocab_size=300, show_progress=False)
+    train_tokenizer(texts, tmp_path / "tok", vocab_size=300, show_progress=False)
     rc = main(["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok"),
                "--out", str(tmp_path / "tokens"), "--seq-len", "128"])
     assert rc == 0
-    tok = tokenizer.load_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
     ts = TokenShards(tmp_path / "tokens", "train")
     assert ts.doc(0).tolist() == tok.encode(texts[0])
     assert len(ts.manifest["tokenizer"]["sha256"]) == 64

@@ -69,11 +69,8 @@ def run_build(args: argparse.Namespace) -> None:
 
 def run_tokenize(args: argparse.Namespace) -> None:
     from codellm.data.shards import tokenize_corpus, tokenizer_sha256
+    from codellm.tokenizer import load_tokenizer
 
-    try:
-        from codellm.tokenizer import load_tokenizer
-    except ImportError as e:
-        raise UserError(f"data tokenize: codellm.tokenizer is not available ({e})") from e
     if not args.tokenizer.is_dir():
         raise UserError(f"--tokenizer {args.tokenizer}: not a directory")
     if args.seq_len is not None and args.seq_len <= 0:
@@ -86,15 +83,9 @@ def run_tokenize(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codellm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from codellm.cli import run_standalone
+
+    return run_standalone(add_parser, argv)
 
 
 if __name__ == "__main__":

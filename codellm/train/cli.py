@@ -124,15 +124,9 @@ def run_plot(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codellm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"codellm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from codellm.cli import run_standalone
+
+    return run_standalone(add_parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""The serving engine: continuous batching over a slot KV cache, chunked prefill, prefix reuse, streaming.
+
+    kv_cache.py   SlotKVCache: slots allocated once, prefix records, swaps; SlotView for one forward
+    scheduler.py  Request and the token-budget Scheduler (which requests run, dense decode rows)
+    sampler.py    per-row sampling through generate.sample_next with per-request generators
+    engine.py     Engine: submit / cancel / step / run / stream / generate, EngineEvent, Completion
+    runner.py     EngineRunner: the engine loop in a thread, per-request streams for threads and asyncio
+"""
+
+from codellm.engine.engine import Completion, Engine, EngineEvent
+from codellm.engine.kv_cache import SlotKVCache, parse_size
+from codellm.engine.runner import EngineRunner
+
+__all__ = ["Completion", "Engine", "EngineEvent", "EngineRunner", "SlotKVCache", "parse_size"]
