@@ -20,13 +20,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m codellm info
 	$(PY) -m codellm complete --max-new-tokens 48 'def fibonacci(n):'
-	$(PY) -m codellm infill --max-new-tokens 48 --prefix 'def is_even(n):' --suffix '    return result'
+	$(PY) -m codellm infill --max-new-tokens 48 --show-file \
+		--prefix "$$(printf 'def is_even(n):\n    ')" --suffix "$$(printf '\n    return result\n')"
+	$(PY) -m codellm chat --max-new-tokens 64 'Write a function that returns the square of a number.'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check codellm tests bench
 
 bench: $(STAMP)
 	$(PY) bench/decode.py
+	$(PY) bench/engine.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -50,11 +50,11 @@ def wall_times(run: Path) -> dict[str, int]:
 
 def samples(model_dir: Path, instruct: bool) -> str:
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    params = SamplingParams(max_new_tokens=64, stop=("\n\n\n",))
+    params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
     out = []
     for prompt in COMPLETION_PROMPTS:
         text = generate.collect(generate.complete(model, tok, prompt, params))
-        out.append(f"`codellm complete` (greedy):\n\n```python\n{prompt}{text}\n```")
+        out.append(f"`codellm complete --temperature 0.7 --top-p 0.9 --seed 0`:\n\n```python\n{prompt}{text}\n```")
     prefix, suffix = INFILL
     for order in ("psm", "spm"):
         middle = generate.collect(generate.infill(model, tok, prefix, suffix, params, order))
@@ -79,8 +79,10 @@ def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: boo
         f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, RoPE theta {cfg['rope_theta']:g}, "
         f"{cfg['max_position_embeddings']:,}-token context, {cfg['vocab_size']:,}-token byte-level BPE with "
         "`<PRE> <SUF> <MID> <EOT>`), trained from scratch by codellm's own pipeline (`runs/default_model.sh`) "
-        "on 2 CPU cores. It exists so that every codellm command works offline out of the box; it is far "
-        "too small and too briefly trained to be a useful coding assistant.",
+        "on 2 CPU cores in about 40 minutes. It exists so that every codellm command works offline out of "
+        "the box and to show the pipeline end to end; with a few million training tokens it has learnt the "
+        "surface of code (indentation, identifiers, punctuation), not programming: do not expect working code "
+        "from it. The same script with larger STEPS_* on a GPU trains a useful model.",
         "",
         "## Data",
         "",
