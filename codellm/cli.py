@@ -142,7 +142,8 @@ def cmd_infill(args):
     events = engine_stream(args, model, tok, ids, params)
     if args.show_file:
         middle = generate.collect(events)
-        sys.stdout.write(prefix + middle + suffix)
+        filled = prefix + middle + suffix
+        sys.stdout.write(filled if filled.endswith("\n") else filled + "\n")
     else:
         print_stream(events)
 
