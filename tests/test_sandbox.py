@@ -1,0 +1,225 @@
+"""Hostile programs: each must end as a non-pass, leave nothing running and not touch the host.
+
+Every hostile completion answers a toy problem (add one) and attacks from inside the solution. The runs
+go through the same path as the benchmarks (`execution.execute`, a fresh workspace per program) and run
+two at a time, once per module; the tests then check each verdict and the host.
+"""
+
+import os
+import socket
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from codellm.eval.execution import Program, execute
+from codellm.sandbox import UID_BASE, Limits, Sandbox
+
+PROMPT = "def add_one(x):\n"
+TESTS = """\
+def check(candidate):
+    assert candidate(1) == 2
+    assert abs(candidate(0.5) - 1.5) < 1e-9
+
+check(add_one)
+"""
+LIMITS = Limits(cpu_seconds=1, wall_seconds=4, memory_mb=512)
+SECRET = "codellm-secret-7f3a"
+
+
+def body(code: str) -> str:
+    """A function body from unindented lines."""
+    return textwrap.indent(textwrap.dedent(code), "    ")
+
+
+HOSTILE = {
+    "fork_bomb": body("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    """),
+    "memory_bomb": body("x = bytearray(16 * 2**30)\nreturn 2\n"),
+    "memory_creep": body("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n"),
+    "disk_filler_one_file": body("with open('big', 'wb') as f:\n    while True:\n        f.write(b'0' * 2**20)\n"),
+    "disk_filler_tmp": body("""
+        import itertools
+        for i in itertools.count():
+            open(f'/tmp/f{{i}}', 'wb').write(b'0' * 2**20)
+    """),
+    "loop_ignoring_signals": body("""
+        import signal
+        for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGXCPU, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        while True:
+            pass
+    """),
+    "sleep_after_signal_reset": body("""
+        import signal, time
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        time.sleep(10**6)
+    """),
+    "grandchild_outlives_parent": body("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(600)
+            os._exit(0)
+        return x
+    """),
+    "network_connect": body("""
+        import socket
+        s = socket.create_connection(('127.0.0.1', {port}), timeout=2)
+        s.sendall(b'exfiltrate')
+        return x + 1
+    """),
+    "read_outside": body("print(open({secret!r}).read())\nreturn x + 1\n"),
+    "write_outside": body("open({host_file!r}, 'w').write('pwned')\nreturn x + 1\n"),
+    "eq_always_true": body("""
+        class Anything:
+            def __eq__(self, other):
+                return True
+            def __sub__(self, other):
+                return 0
+        return Anything()
+    """),
+    "early_sys_exit": body("import sys\nsys.exit(0)\n"),
+    "early_os_exit": body("import os\nos._exit(0)\n"),
+    "prints_fake_pass": body("import os\nprint('passed')\nprint('OK: all tests passed')\nos._exit(0)\n"),
+    "patches_builtins": body("""
+        import builtins
+        builtins.abs = lambda v: 0
+        return x + 1 if isinstance(x, int) else 0
+    """),
+    "redefines_check_and_exits_0_at_exit": body("return x\n") + textwrap.dedent("""
+        def check(candidate):
+            pass
+
+        import atexit, os
+        atexit.register(lambda: os._exit(0))
+    """),
+    "huge_output": body("print('x' * 10**8)\nreturn x + 1\n"),
+    "ctypes_system_call": body("import ctypes\nctypes.CDLL(None).system(b'echo pwned > {host_file}')\nreturn x\n"),
+    "deep_recursion": body("""
+        import sys
+        sys.setrecursionlimit(10**9)
+        def down(n):
+            return down(n + 1) + 1
+        return down(0)
+    """),
+    "kill_everything": body("import os, signal\nos.kill(-1, signal.SIGKILL)\nreturn x + 1\n"),
+}
+NEEDS_NAMESPACES = {"network_connect", "kill_everything", "disk_filler_tmp"}  # unsafe or meaningless without
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    box = Sandbox(workers=2)
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    root = tmp_path_factory.mktemp("host")
+    secret, host_file = root / "secret.txt", root / "host.txt"
+    secret.write_text(SECRET)
+    secret.chmod(0o600)
+    host_file.write_text("original")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            received.append(conn.recv(100) or b"<connected>")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield {"secret": str(secret), "host_file": str(host_file), "port": listener.getsockname()[1], "received": received}
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def verdicts(sandbox, host):
+    """Run every hostile program once, two at a time: {name: (status, outcome)}."""
+    names = [n for n in HOSTILE if sandbox.isolation.network or n not in NEEDS_NAMESPACES]
+
+    def run(name):
+        completion = HOSTILE[name].format(port=host["port"], secret=host["secret"], host_file=host["host_file"])
+        with sandbox.workspace() as ws:
+            return name, execute(Program("py", PROMPT + completion, TESTS), ws, LIMITS)
+
+    with ThreadPoolExecutor(sandbox.workers) as pool:
+        return dict(pool.map(run, names))
+
+
+def test_honest_solution_passes(sandbox):
+    with sandbox.workspace() as ws:
+        status, out = execute(Program("py", PROMPT + "    return x + 1\n", TESTS), ws, LIMITS)
+    assert status == "passed", out
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_program_does_not_pass(name, verdicts, sandbox):
+    if name not in verdicts:
+        pytest.skip(f"needs namespaces; this machine has none: {sandbox.isolation.note}")
+    status, out = verdicts[name]
+    assert status != "passed", out
+    assert len(out.stdout) <= LIMITS.output_bytes and len(out.stderr) <= LIMITS.output_bytes
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("memory_bomb", "oom"), ("memory_creep", "oom"), ("loop_ignoring_signals", "timeout"),
+    ("sleep_after_signal_reset", "timeout"), ("fork_bomb", "timeout"), ("early_sys_exit", "failed"),
+    ("early_os_exit", "failed"), ("prints_fake_pass", "failed"), ("patches_builtins", "failed"),
+    ("redefines_check_and_exits_0_at_exit", "failed"), ("eq_always_true", "runtime_error"),
+    ("huge_output", "runtime_error"), ("disk_filler_one_file", "runtime_error"),
+])
+def test_hostile_status(name, expected, verdicts):
+    assert verdicts[name][0] == expected, verdicts[name][1]
+
+
+def test_host_untouched(verdicts, host):
+    assert open(host["host_file"]).read() == "original"
+    assert not host["received"], "a sandboxed program reached a loopback server of the host"
+    assert all(SECRET not in out.stdout for _, out in verdicts.values())
+
+
+def test_nothing_of_the_suite_remains(verdicts, sandbox):
+    assert verdicts  # every run has returned
+    assert _sandbox_processes(sandbox) == []
+
+
+def test_isolation_is_reported(sandbox):
+    info = sandbox.isolation.as_dict()
+    assert info["mode"] in ("root", "userns", "none") and info["note"]
+    if os.geteuid() == 0:
+        assert info["mode"] == "root", info  # CI runs as root, where namespaces and uid switching must work
+
+
+def _sandbox_processes(sandbox) -> list[str]:
+    """Processes that run as a slot uid or inside a sandbox work dir."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if UID_BASE <= uid < UID_BASE + 1000 or cwd.startswith(str(sandbox._root)):
+            found.append(f"{pid} uid={uid} cwd={cwd}")
+    return found
