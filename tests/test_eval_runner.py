@@ -18,6 +18,7 @@ from codellm.eval.tasks import HumanEval, Infilling
 from codellm.sandbox import Limits, Sandbox
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data {DATA} is not beside the checkout")
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -200,6 +201,7 @@ def test_remote_endpoint_humaneval(server, api, tmp_path):
         assert "temperature" not in body["parameters"] and "top_p" not in body["parameters"]  # greedy for TGI
 
 
+@needs_data
 @pytest.mark.parametrize("api", ["openai", "tgi"])
 def test_remote_endpoint_infilling(server, api, tmp_path):
     for p in Infilling(DATA, "random-span-light").problems[:2]:
@@ -232,6 +234,7 @@ def test_local_model_end_to_end(tiny_model_dir, tmp_path):
     assert code == 2 and "other settings (temperature)" in err
 
 
+@needs_data
 @pytest.mark.parametrize("command", [["infill", "--benchmark", "random-span-light", "--order", "spm"], ["mbpp"],
                                      ["multipl-e", "--lang", "js"]])
 def test_local_model_other_tasks(tiny_model_dir, tmp_path, command):

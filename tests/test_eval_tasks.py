@@ -21,6 +21,7 @@ from codellm.sandbox import Limits, Sandbox
 from tests.eval_fixtures import EARLY_EXIT, SOLUTIONS, WRONG
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data {DATA} is not beside the checkout")
 FULL = bool(os.environ.get("CODELLM_FULL_EVAL_TESTS"))
 GCD = "HumanEval_13_greatest_common_divisor"
 
