@@ -8,7 +8,7 @@ from codellm.checkpoint import save_model
 from codellm.config import ModelConfig
 from codellm.model import Transformer
 from codellm.tokenizer import load_tokenizer
-from tests.tokenizer_fixtures import make_sentencepiece_dir
+from tests.tokenizer_fixtures import make_bpe_dir, make_sentencepiece_dir
 
 torch.set_num_threads(2)
 
@@ -34,3 +34,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Both tokenizer kinds codellm supports, for tests that must hold for each (a module may override `sp`).
+@pytest.fixture(scope="session")
+def sp(tmp_path_factory):
+    return load_tokenizer(make_sentencepiece_dir(tmp_path_factory.mktemp("sp")))
+
+
+@pytest.fixture(scope="session")
+def bpe(tmp_path_factory):
+    return load_tokenizer(make_bpe_dir(tmp_path_factory.mktemp("bpe")))
+
+
+@pytest.fixture(params=["sp", "bpe"])
+def tok(request):
+    return request.getfixturevalue(request.param)

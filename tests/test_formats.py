@@ -8,7 +8,7 @@ from transformers import CodeLlamaTokenizer
 from codellm.errors import UserError
 from codellm.formats import chat_text, chat_tokens, infill_example, infill_prompt, split_document
 from codellm.tokenizer import load_tokenizer
-from tests.tokenizer_fixtures import CORPUS, make_bpe_dir, make_sentencepiece_dir
+from tests.tokenizer_fixtures import CORPUS, make_sentencepiece_dir
 
 # (prefix, suffix); HF only builds an infilling prompt for a non-empty suffix
 INFILL_PAIRS = [
@@ -36,16 +36,6 @@ def sp_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sp(sp_dir):
     return load_tokenizer(sp_dir)
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return load_tokenizer(make_bpe_dir(tmp_path_factory.mktemp("bpe")))
-
-
-@pytest.fixture(params=["sp", "bpe"])
-def tok(request):
-    return request.getfixturevalue(request.param)
 
 
 @pytest.mark.parametrize("order", ["psm", "spm"])

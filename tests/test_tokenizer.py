@@ -19,21 +19,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return load_tokenizer(make_sentencepiece_dir(tmp_path_factory.mktemp("sp")))
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return load_tokenizer(make_bpe_dir(tmp_path_factory.mktemp("bpe")))
-
-
-@pytest.fixture(params=["sp", "bpe"])
-def tok(request):
-    return request.getfixturevalue(request.param)
-
-
 def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "missing")):
         load_tokenizer(tmp_path / "missing")

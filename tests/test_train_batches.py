@@ -8,29 +8,12 @@ import pytest
 import torch
 
 from codellm.errors import UserError
-from codellm.tokenizer import load_tokenizer
 from codellm.train.batches import Example, JsonlStream, Mixture, Packer, corpus_files, fim_transform, make_batches
 from codellm.train.config import TrainConfig
 from codellm.train.docstrings import docstring_dialogs
-from tests.tokenizer_fixtures import make_bpe_dir, make_sentencepiece_dir
 from tests.train_fixtures import make_corpus
 
 DOC = 'def greet(name):\n    """Say hello."""\n    print(f"héllo {name} 日本")  # ✨\n    return len(name)\n'
-
-
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return load_tokenizer(make_sentencepiece_dir(tmp_path_factory.mktemp("sp")))
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return load_tokenizer(make_bpe_dir(tmp_path_factory.mktemp("bpe")))
-
-
-@pytest.fixture(params=["sp", "bpe"])
-def tok(request):
-    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
