@@ -26,14 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bitwise-equal losses across processes need equal thread counts; one thread is also the fastest
-    # for tiny models on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Bitwise-equal losses across processes need equal thread counts (conftest's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

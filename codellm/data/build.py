@@ -23,7 +23,8 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def _format_of(root: Path) -> str | None:
         return json.loads((root / "manifest.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+@contextmanager
+def staged_output(out: Path, fmt: str, force: bool) -> Iterator[Path]:
+    """A temp dir beside `out` to write into: swapped into place on success, removed on any error."""
+    tmp = prepare_out_dir(out, fmt, force)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_out_dir(tmp, out)
 
 
 def commit_out_dir(tmp: Path, out: Path) -> None:
@@ -184,15 +197,9 @@ def build_corpus(sources: list[Source], out: Path, *, decontam: Decontaminator |
                  config: BuildConfig = BuildConfig(), force: bool = False, progress_every: int | None = 2000
                  ) -> dict:
     """Build a corpus directory at `out` and return its manifest. `decontam=None` skips decontamination."""
-    out = Path(out)
-    tmp = prepare_out_dir(out, FORMAT, force)
-    try:
+    with staged_output(Path(out), FORMAT, force) as tmp:
         manifest = _build(sources, tmp, decontam, config, Progress(progress_every))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        commit_out_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

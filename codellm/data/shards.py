@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from array import array
@@ -30,7 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from codellm.data.build import FORMAT as CORPUS_FORMAT
-from codellm.data.build import commit_out_dir, prepare_out_dir, sha256_file
+from codellm.data.build import sha256_file, staged_output
 from codellm.errors import UserError
 
 FORMAT = "codellm-tokens/1"
@@ -135,8 +134,7 @@ def tokenize_corpus(corpus: Path, tokenizer: Tokenizer, out: Path, *, tokenizer_
     corpus, out = Path(corpus), Path(out)
     corpus_manifest = load_manifest(corpus, CORPUS_FORMAT, "--corpus")
     dtype = dtype_for(tokenizer.vocab_size)
-    tmp = prepare_out_dir(out, FORMAT, force)
-    try:
+    with staged_output(out, FORMAT, force) as tmp:
         splits = {s: _tokenize_split(corpus, s, tokenizer, tmp, dtype, shard_tokens, seq_len, progress_every)
                   for s in corpus_manifest["splits"]}
         manifest = {
@@ -150,10 +148,6 @@ def tokenize_corpus(corpus: Path, tokenizer: Tokenizer, out: Path, *, tokenizer_
             "splits": splits,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        commit_out_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
