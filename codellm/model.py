@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, bit-equal to below
         # normalise in fp32 (bf16 variance is too coarse), scale in the input dtype, as HF does
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,11 +56,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def cache_mask(positions: torch.Tensor, length: int) -> torch.Tensor | None:
+    """Which cached keys (positions 0..length-1) each query at `positions` (B, T) sees: (B, 1, T, length),
+    or None for a single query row, which sees every key up to its own position, i.e. all of them."""
+    if positions.numel() == 1:
+        return None
+    keys = torch.arange(length, device=positions.device)
+    return (keys <= positions[..., None])[:, None]
+
+
 class KVCache:
     """Keys/values of a fixed batch of rows, stored at their positions: (B, n_kv_heads, max_len, head_dim).
 
     The simple cache used by the reference generator; the serving engine brings its own slot cache with
-    the same `update` contract.
+    the same contract: `prepare(positions)` once per forward returns the attention mask, then
+    `update(layer, k, v)` per layer stores the new keys/values and returns the cache up to the furthest
+    position.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
@@ -67,38 +80,45 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k/v (B, n_kv, T, hd) at `positions` (B, T); return the cache up to the furthest position
-        and the position of each key (length,)."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
-        length = int(positions.max()) + 1
-        key_positions = torch.arange(length, device=k.device)
-        return self.k[layer, :, :, :length], self.v[layer, :, :, :length], key_positions
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | None:
+        self.positions, self.length = positions, int(positions.max()) + 1
+        self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return cache_mask(positions, self.length)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v (B, n_kv, T, hd) at the prepared positions; -> keys, values (B, n_kv, length, hd)."""
+        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv_weight: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_weight is not None:  # one matmul, and one RoPE over the query and key heads together
+            qkv = F.linear(x, self.qkv_weight).view(B, T, H + 2 * KV, hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, :H + KV], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+        else:
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
-            k, v, key_positions = cache.update(self.layer, k, v, positions)
-            mask = key_positions[None, None, :] <= positions[:, :, None]  # (B, T, S): keys at or before
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+            k, v = cache.update(self.layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -108,8 +128,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
 
     def forward(self, x):
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -121,8 +145,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,11 +166,25 @@ class Transformer(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        mask = cache.prepare(positions) if cache is not None else None
         for block in self.layers:
-            x = block(x, cos, sin, positions, cache)
+            x = block(x, cos, sin, cache, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> Transformer:
+        """For inference: store q/k/v and gate/up weights as one matrix each, so a step runs 2 matmuls
+        where it ran 5 (the per-op cost dominates small-batch decode on a CPU). The separate weights
+        become views into the fused ones: names, state_dict and memory stay as they were. Frozen
+        afterwards (the fused path has no gradients to the separate weights)."""
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            if attn.qkv_weight is None:
+                attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+                mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+        return self.requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
@@ -161,3 +199,14 @@ class Transformer(nn.Module):
                 s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
         return self
+
+
+def _fuse(*linears: nn.Linear) -> torch.Tensor:
+    """One weight made of the rows of several linears, which then hold views of it."""
+    fused = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+        start += n
+    return fused

@@ -78,6 +78,8 @@ class Engine:
             self.cache = SlotKVCache(cfg, max_batch, max_len, weight.dtype, weight.device)
         else:
             self.cache = SlotKVCache.from_budget(cfg, kv_memory, max_len, weight.dtype, weight.device)
+        if hasattr(model, "fuse_projections"):  # wrappers around a model (tests, adapters) run as they are
+            model.fuse_projections()
         self.model, self.device = model, weight.device
         self.tok = tokenizer if tokenizer is not None else _IdsOnly(cfg.eos_id)
         self.scheduler = Scheduler(self.cache, max_batch, token_budget)
@@ -190,7 +192,7 @@ class Engine:
         """One token for each decoding request (reqs[i] sits in row i) -> logits (n, vocab)."""
         tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.n_computed] for r in reqs], device=self.device)  # (n, 1)
-        logits = self.model(tokens, positions, self.cache.view(0, len(reqs), positions), last_only=True)[:, -1]
+        logits = self.model(tokens, positions, self.cache.view(0, len(reqs)), last_only=True)[:, -1]
         for r in reqs:
             r.n_computed += 1
         return logits
@@ -200,7 +202,7 @@ class Engine:
         start = req.n_computed
         tokens = torch.tensor([req.tokens[start:start + n]], device=self.device)  # (1, n)
         positions = torch.arange(start, start + n, device=self.device)[None]  # (1, n)
-        view = self.cache.view(req.slot, req.slot + 1, positions)
+        view = self.cache.view(req.slot, req.slot + 1)
         logits = self.model(tokens, positions, view, last_only=True)[:, -1]
         req.n_computed += n
         return logits

@@ -24,7 +24,7 @@ import torch
 
 from codellm.config import ModelConfig
 from codellm.errors import UserError
-from codellm.model import KVCache
+from codellm.model import KVCache, cache_mask
 
 
 class CachedSequence(Protocol):
@@ -34,33 +34,36 @@ class CachedSequence(Protocol):
 
 
 class SlotView(KVCache):
-    """Rows [lo, hi) of the slot storage as the model's cache for one forward at `positions` (B, T).
+    """Rows [lo, hi) of the slot storage as the model's cache for one forward.
 
-    The model calls `update` once per layer with the same positions, so the write indices and the key
-    positions are built once here. Each row's positions are consecutive (a prompt chunk or one decode
-    token): one row is written through a slice, a plain copy, and several rows through one index_put.
+    `prepare` builds the write indices and the mask once; the model then calls `update` once per layer.
+    Each row's positions are consecutive (a prompt chunk or one decode token): one row is written through
+    a slice, a plain copy, and several rows through one index_put.
     """
 
-    def __init__(self, cache: SlotKVCache, lo: int, hi: int, positions: torch.Tensor):
+    def __init__(self, cache: SlotKVCache, lo: int, hi: int):
         # no super().__init__(): the storage exists; k, v are (layers, B, kv_heads, max_len, head_dim) views
         self.k, self.v, self.max_len = cache.k[:, lo:hi], cache.v[:, lo:hi], cache.max_len
-        self.key_positions = torch.arange(int(positions.max()) + 1, device=positions.device)
         self.one_row = hi - lo == 1
+
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | None:
+        self.length = int(positions.max()) + 1
         if self.one_row:
             start = int(positions[0, 0])
             self.span = slice(start, start + positions.shape[1])
         else:
-            self.rows = torch.arange(hi - lo, device=positions.device)[:, None]  # (B, 1)
+            self.positions = positions
+            self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
+        return cache_mask(positions, self.length)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k/v (B, kv_heads, T, head_dim); return the keys and values up to the furthest position."""
         for store, new in ((self.k[layer], k), (self.v[layer], v)):
             if self.one_row:
                 store[0, :, self.span] = new[0]
             else:
-                store[self.rows, :, positions] = new.transpose(1, 2)
-        n = len(self.key_positions)
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.key_positions
+                store[self.rows, :, self.positions] = new.transpose(1, 2)
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
 
 class SlotKVCache:
@@ -94,8 +97,8 @@ class SlotKVCache:
     def n_free(self) -> int:
         return self.busy.count(False)
 
-    def view(self, lo: int, hi: int, positions: torch.Tensor) -> SlotView:
-        return SlotView(self, lo, hi, positions)
+    def view(self, lo: int, hi: int) -> SlotView:
+        return SlotView(self, lo, hi)
 
     def allocate(self, seq: CachedSequence) -> None:
         """Give `seq` a free row, sets `seq.slot`, and `seq.n_computed` to the prefix whose KV is already
