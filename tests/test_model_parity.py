@@ -90,3 +90,25 @@ def test_half_precision_loads_close(tmp_path, dtype):
     tokens = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(half(tokens).float(), full(tokens), atol=0.05, rtol=0.05)
+
+
+def test_fused_projections_keep_logits_names_and_checkpoints(tmp_path):
+    from codellm.model import KVCache
+
+    ref = hf_model(tmp_path / "hf", **VARIANTS["gqa"])
+    ours = load_model(tmp_path / "hf")
+    names = list(ours.state_dict())
+    ours.fuse_projections()
+    assert list(ours.state_dict()) == names and not any(p.requires_grad for p in ours.parameters())
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits)  # full forward
+        cache = KVCache(ours.cfg, batch=2, max_len=16, dtype=torch.float32)  # and decoding through a cache
+        pos = torch.arange(12).expand(2, -1)
+        steps = [ours(tokens[:, :6], pos[:, :6], cache)] + [ours(tokens[:, i:i + 1], pos[:, i:i + 1], cache)
+                                                            for i in range(6, 12)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), ref(tokens).logits)
+    save_model(ours, tmp_path / "fused")  # the views save as the separate HF tensors
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, ref(tokens).logits)
