@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    for module in ("codellm.data.cli", "codellm.train.cli", "codellm.eval.cli"):
+    for module in ("codellm.data.cli", "codellm.train.cli", "codellm.eval.cli", "codellm.server.cli"):
         __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 

@@ -27,6 +27,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, matched on decoded text, not included in the output
     stop_ids: tuple[int, ...] = ()  # extra stop token ids (EOS and EOT always stop)
+    # engine only: put each sampled token's log-probability on its event, and the `logprobs` likeliest
+    # alternatives (0: none); None: compute nothing. Raw model distribution: before penalty and temperature.
+    logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -44,6 +47,8 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            problems.append(f"logprobs must be an integer in [0, 20] or None (got {self.logprobs!r})")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -125,6 +130,8 @@ class Event:
     finished: bool = False
     reason: str | None = None  # "length" | "eos" | "eot" | "stop" (a stop id or string)
     stop: str | None = None  # the stop string that matched
+    logprob: float | None = None  # of token_id, when SamplingParams.logprobs is set (engine only)
+    top_logprobs: list[tuple[int, float]] | None = None  # (id, logprob) of the likeliest tokens, best first
 
 
 @dataclass

@@ -15,6 +15,7 @@ infilling). A request that finishes or is cancelled frees its slot within the st
 An event is a `generate.Event` plus `request_id`; a request's last event has `finished=True` and a
 `reason`: "eos" | "eot" | "stop" | "length" | "cancelled". Hitting `max_new_tokens` (or the end of the
 model's context) yields the last token's event, then a final one with no token, as `stream_text` does.
+With `SamplingParams.logprobs` set, a token's event also carries its logprob and the top alternatives.
 
 Threads: `submit` and `cancel` may be called from any thread: they only append to an inbox that the
 next step drains. Everything else belongs to the one thread that steps the engine; `runner.EngineRunner`
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from codellm.engine.kv_cache import SlotKVCache
-from codellm.engine.sampler import sample_rows
+from codellm.engine.sampler import sample_rows, token_logprobs
 from codellm.engine.scheduler import Request, Scheduler
 from codellm.errors import UserError
 from codellm.generate import Event, SamplingParams, TextStream, check_prompt_fits, make_generator
@@ -132,8 +133,10 @@ class Engine:
                 batch.append(req)
                 logits.append(last)
         if batch:
-            for req, token in zip(batch, sample_rows(torch.cat(logits), batch), strict=True):
-                events += self._advance(req, token)
+            rows = torch.cat(logits)
+            tokens = sample_rows(rows, batch)
+            for req, token, lp in zip(batch, tokens, token_logprobs(rows, batch, tokens), strict=True):
+                events += self._advance(req, token, lp)
         return events
 
     def run(self) -> Iterator[EngineEvent]:
@@ -207,9 +210,11 @@ class Engine:
         req.n_computed += n
         return logits
 
-    def _advance(self, req: Request, token: int) -> list[EngineEvent]:
+    def _advance(self, req: Request, token: int, logprobs=None) -> list[EngineEvent]:
         req.tokens.append(token)
         out = [req.text.push(token)]
+        if logprobs is not None:
+            out[0].logprob, out[0].top_logprobs = logprobs
         if not out[-1].finished and len(req.tokens) >= req.limit:
             out.append(req.text.finish("length"))
         if out[-1].finished:

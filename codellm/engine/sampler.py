@@ -3,7 +3,8 @@
 Every row goes through `generate.sample_next`, the reference generator's code path, with its own
 `torch.Generator` consumed exactly as the reference consumes it; so a seeded request draws the same
 tokens whatever else is in the batch. Plain greedy rows (no repetition penalty) need no per-row work and
-share one argmax.
+share one argmax. `token_logprobs` reports what rows asked for (`SamplingParams.logprobs`) from the same
+logits, untouched by penalty and temperature (the model's own distribution, as vLLM reports by default).
 """
 
 from __future__ import annotations
@@ -31,3 +32,21 @@ def sample_rows(logits: torch.Tensor, requests: list[Request]) -> list[int]:
 
 def _plain_greedy(params: SamplingParams) -> bool:
     return params.greedy and params.repetition_penalty == 1.0
+
+
+def token_logprobs(logits: torch.Tensor, requests: list[Request],
+                   tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """(logprob of the sampled token, [(id, logprob)] of the top `params.logprobs`) per row that asked; else None."""
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return out
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)  # (n, vocab)
+    k = max(requests[i].params.logprobs for i in rows)
+    top_lp, top_ids = logp.topk(min(k, logp.shape[-1])) if k else (logp[:, :0], logp[:, :0])
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logp.device))[:, 0].tolist()
+    for j, i in enumerate(rows):
+        n = requests[i].params.logprobs
+        top = list(zip(top_ids[j, :n].tolist(), top_lp[j, :n].tolist(), strict=True))
+        out[i] = (chosen[j], top)
+    return out
