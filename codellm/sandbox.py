@@ -4,19 +4,27 @@
     with sandbox.workspace() as ws:            # a private temp dir; blocks while all workers are busy
         ws.write("prog.py", source)
         outcome = ws.run(["/usr/bin/python3", "prog.py"], Limits(cpu_seconds=3))
+        outcome = ws.run_python(runner_source, Limits(cpu_seconds=3), stdin=b"...")   # no interpreter start-up
 
-Each run is `prlimit -- unshare ... -- sh PRELUDE -- argv`, started in a new session:
+Each worker slot has a fork server (`sandbox_zygote.py`, started once, root when we are root) that forks
+every run and sets it up with system calls, no helper binaries: a new session, then
+- namespaces: no network (a fresh network namespace has only a down loopback), a PID namespace whose init
+  is a small reaper (when the program ends, or the init is killed, the kernel kills every process left
+  inside, including grandchildren that called setsid), a mount namespace with a fresh /proc and small
+  private tmpfs over /tmp, /var/tmp and /dev/shm (the work dir is bound at /dev/shm/w), and private IPC
+  (System V, POSIX queues) and UTS namespaces;
+- when the caller is root the program runs as an unprivileged uid of its own (one per worker slot, so the
+  process limit and `kill` cannot reach anything else), with no groups and no_new_privs; otherwise a user
+  namespace maps the caller;
 - rlimits: CPU seconds, memory (address space, or data segment for runtimes that reserve huge address
   ranges such as the JVM, V8 and Mono), processes, file size, open files, no core files;
-- namespaces (`unshare`): no network (a fresh network namespace has only a down loopback), a PID
-  namespace whose init is the prelude shell (when it ends the kernel kills every process left inside,
-  including grandchildren that called setsid), a mount namespace with a fresh /proc and small private
-  tmpfs over /tmp, /var/tmp and /dev/shm; the work dir is bind-mounted at /dev/shm/w;
-- when the caller is root the program runs as an unprivileged uid of its own (one per worker slot, so
-  the process limit and `kill` cannot reach anything else); otherwise a user namespace maps the caller;
-- a scrubbed environment (PATH, HOME=work dir, LANG), stdin closed unless given, output capped;
+- a scrubbed environment (PATH, HOME=work dir, LANG), stdin closed unless given, no inherited descriptors
+  but the three pipes, output capped;
 - a wall-clock deadline (a multiple of the CPU limit, so a loaded machine slows a program down without
-  failing it) after which the whole process group is killed.
+  failing it) after which the fork server kills the run's process group (and with it the PID namespace).
+Python programs (`run_python`) run in the forked copy of the server's interpreter, which never ran untrusted
+code, instead of a new one: the per-program cost is a few forks, not an interpreter start-up (the
+semantics are `python -s -S -c SOURCE` with PYTHONHASHSEED=0; common stdlib modules are already imported).
 Namespaces are probed once; when unavailable the run falls back to rlimits + process group only and
 `Sandbox.isolation` says so (the eval summary records it).
 
@@ -26,7 +34,7 @@ writes only world-writable places outside /tmp, /var/tmp and /dev/shm); CPU, mem
 contention with other workers; a program that deliberately searches its own interpreter for the verdict
 nonce. As a non-root caller ("userns" mode) the program keeps the caller's file permissions: it can read
 and write the caller's files. Concurrent sandboxes of one machine share the slot uids, hence their
-process limit. Without namespaces (no `unshare`, or no user namespaces for a non-root caller) there is no
+process limit. Without namespaces (no privileges or user namespaces for a non-root caller) there is no
 network, PID or tmpfs isolation at all. Run evaluations as root in a container or VM; for adversarial
 code add gVisor or a VM per run.
 """
@@ -34,13 +42,17 @@ code add gVisor or a VM per run.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
+import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,26 +63,6 @@ from pathlib import Path
 
 UID_BASE = 1_600_000  # unprivileged uids for worker slots when running as root (no /etc/passwd entry needed)
 MAX_OUTPUT = 1 << 20  # a run printing more than this in total is killed (output bomb)
-
-# As root, in the new namespaces: private tmpfs for the shared writable places, the work dir bound
-# inside one, then the program as the slot's uid (a child, so this shell stays the PID namespace init).
-PRELUDE = """set -e
-mount -t tmpfs -o size={tmpfs},mode=1777 tmpfs /dev/shm
-mkdir /dev/shm/w
-mount --bind "$1" /dev/shm/w
-mount -t tmpfs -o size={tmpfs},mode=1777 tmpfs /tmp
-mount -t tmpfs -o size={tmpfs},mode=1777 tmpfs /var/tmp
-cd /dev/shm/w
-uid=$2
-shift 2
-set +e
-if [ -n "$uid" ]; then
-  setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs -- "$@"
-else
-  "$@"
-fi
-exit $?
-"""
 
 
 @dataclass(frozen=True)
@@ -119,13 +111,21 @@ class Isolation:
         return self.mode != "none"
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "network_namespace": self.network, "pid_namespace": self.network,
-                "private_tmp": self.network, "unprivileged_uid": self.mode == "root", "note": self.note}
+        return {
+            "mode": self.mode,
+            "network_namespace": self.network,
+            "pid_namespace": self.network,
+            "private_tmp": self.network,
+            "unprivileged_uid": self.mode == "root",
+            "note": self.note,
+        }
 
 
 class Sandbox:
     def __init__(self, workers: int | None = None, isolate: bool = True):
-        self.workers = workers or usable_cores()
+        # two per core by default: part of a run is spent waiting on the kernel (namespaces set up and torn
+        # down), so a second run per core keeps it busy (25% more programs/s on 2 cores, bench/eval.py)
+        self.workers = workers or 2 * usable_cores()
         self._isolate = isolate
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(self.workers):
@@ -133,7 +133,8 @@ class Sandbox:
         self._lock, self._isolation = threading.Lock(), None
         self._root = Path(tempfile.mkdtemp(prefix="codellm-sandbox-"))
         os.chmod(self._root, 0o711)  # slot uids may enter their own dir, not list the others
-        self.close = weakref.finalize(self, shutil.rmtree, self._root, ignore_errors=True)
+        self._servers = [_ForkServer(self._root / f"server-{slot}.log") for slot in range(self.workers)]
+        self.close = weakref.finalize(self, _close, self._root, self._servers)
 
     @property
     def isolation(self) -> Isolation:
@@ -146,19 +147,27 @@ class Sandbox:
     def _detect(self) -> Isolation:
         if not self._isolate:
             return Isolation("none", "isolation disabled by the caller")
-        if shutil.which("unshare") is None or shutil.which("prlimit") is None:
-            return Isolation("none", "util-linux unshare/prlimit not found: no network, PID or tmpfs isolation")
+        if sys.platform != "linux":
+            return Isolation("none", "not Linux: no network, PID or tmpfs isolation")
         modes = ["root"] if os.geteuid() == 0 else []
+        errors = []
         for mode in [*modes, "userns"]:
-            if self._probe(mode):
-                return Isolation(mode, "network, PID and mount namespaces" +
-                                 (", one unprivileged uid per worker" if mode == "root" else ", caller's uid"))
-        return Isolation("none", "unshare failed (no privileges or user namespaces): NO network isolation")
+            if (error := self._probe(mode)) is None:
+                return Isolation(
+                    mode,
+                    "network, PID, mount, IPC and UTS namespaces"
+                    + (", one unprivileged uid per worker" if mode == "root" else ", caller's uid"),
+                )
+            errors.append(f"{mode}: {error}")
+        return Isolation("none", f"namespaces unavailable ({'; '.join(errors)}): NO network isolation")
 
-    def _probe(self, mode: str) -> bool:
+    def _probe(self, mode: str) -> str | None:
+        """None if a run in this mode works, else why not."""
         with self.workspace(mode) as ws:
             out = ws.run(["sh", "-c", "echo ok"], Limits(cpu_seconds=5))
-        return out.ok and out.stdout.strip() == "ok"
+        if out.ok and out.stdout.strip() == "ok":
+            return None
+        return (out.error or out.stderr or f"exit {out.exit_code}").strip().splitlines()[-1][:200]
 
     @contextlib.contextmanager
     def workspace(self, mode: str | None = None) -> Iterator[Workspace]:
@@ -169,7 +178,7 @@ class Sandbox:
         try:
             if uid is not None:
                 os.chown(path, uid, uid)
-            yield Workspace(path, mode, uid)
+            yield Workspace(path, mode, uid, self._servers[slot])
         finally:
             shutil.rmtree(path, ignore_errors=True)
             self._slots.put(slot)
@@ -186,6 +195,7 @@ class Workspace:
     path: Path
     mode: str
     uid: int | None
+    server: _ForkServer
 
     def write(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -199,27 +209,52 @@ class Workspace:
 
     def run(self, argv: list[str], limits: Limits, stdin: bytes = b"", env: dict | None = None) -> Outcome:
         """Run argv in the work dir; stdin is written up front (small inputs), env adds to the scrubbed one."""
+        return self._run({"argv": argv}, limits, stdin, env)
+
+    def run_python(self, source: str, limits: Limits, stdin: bytes = b"", env: dict | None = None) -> Outcome:
+        """Run Python source as `python -s -S -c source` would, in a fork of the slot's interpreter."""
+        return self._run({"python": source}, limits, stdin, env)
+
+    def _run(self, what: dict, limits: Limits, stdin: bytes, env: dict | None) -> Outcome:
         start = time.monotonic()
+        request = what | {
+            "mode": self.mode,
+            "uid": self.uid,
+            "path": str(self.path),
+            "tmpfs_mb": limits.tmpfs_mb,
+            "cwd": str(self.path) if self.mode == "none" else "/dev/shm/w",
+            "rlimits": self._rlimits(limits),
+            "env": self._env() | (env or {}),
+        }
+        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
         try:
-            proc = subprocess.Popen(self._command(argv, limits), cwd=self.path, env=self._env() | (env or {}),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, close_fds=True)
+            run = self.server.start(request, theirs)
         except OSError as e:
-            return Outcome(None, None, False, 0.0, 0.0, "", "", "", error=f"cannot start {argv[0]}: {e}")
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(stdin)
-        proc.stdin.close()
-        streams, timed_out, overflow = _Capture(limits.output_bytes), False, False
+            for r, w in pipes:
+                os.close(r), os.close(w)
+            return Outcome(None, None, False, 0.0, 0.0, "", "", "", error=f"sandbox fork server: {e}")
+        for fd in theirs:
+            os.close(fd)
+        with os.fdopen(pipes[0][1], "wb") as feed, contextlib.suppress(BrokenPipeError):
+            feed.write(stdin)
+        streams, timed_out, overflow, status = _Capture(limits.output_bytes), False, False, None
         deadline = start + limits.wall
         with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-            while sel.get_map():
+            sel.register(pipes[1][0], selectors.EVENT_READ, "stdout")
+            sel.register(pipes[2][0], selectors.EVENT_READ, "stderr")
+            sel.register(self.server.sock, selectors.EVENT_READ, "server")
+            while len(sel.get_map()) > 1 or status is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
                     break
-                for key, _ in sel.select(min(remaining, 1.0)):
+                for key, _ in sel.select(remaining):
+                    if key.data == "server":
+                        status = run.status()
+                        if status is not None:
+                            sel.unregister(key.fileobj)
+                        continue
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
                         sel.unregister(key.fileobj)
@@ -227,50 +262,184 @@ class Workspace:
                         overflow = True
                 if overflow:
                     break
-        reaped = None if timed_out or overflow else _reap(proc.pid, deadline)
-        if reaped is None:
+        for fd in (pipes[1][0], pipes[2][0]):
+            os.close(fd)
+        if status is None:  # deadline or output bomb: the fork server kills the run's group
             timed_out = timed_out or not overflow
-            _kill_group(proc.pid)
-            reaped = os.wait4(proc.pid, 0)
-        _kill_group(proc.pid)  # anything left in the group (without namespaces) must not outlive the run
-        _, status, usage = reaped
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stdout.close()
-        proc.stderr.close()
-        cpu = usage.ru_utime + usage.ru_stime
-        code, sig = self._exit(proc.returncode)
+            status = run.kill()
+        if status.get("error"):
+            return Outcome(
+                None,
+                None,
+                False,
+                time.monotonic() - start,
+                0.0,
+                streams.text("stdout"),
+                streams.text("stderr"),
+                streams.tail(),
+                overflow,
+                error=status["error"],
+            )
+        cpu = status["cpu"]
+        code, sig = self._exit(os.waitstatus_to_exitcode(status["status"]))
         if sig in (signal.SIGXCPU,) or (sig == signal.SIGKILL and cpu >= limits.cpu_seconds):
             timed_out = True
         killed = timed_out or overflow
-        return Outcome(None if killed else code, sig, timed_out, time.monotonic() - start, cpu,
-                       streams.text("stdout"), streams.text("stderr"), streams.tail(), overflow)
+        return Outcome(
+            None if killed else code,
+            sig,
+            timed_out,
+            time.monotonic() - start,
+            cpu,
+            streams.text("stdout"),
+            streams.text("stderr"),
+            streams.tail(),
+            overflow,
+        )
 
-    def _command(self, argv: list[str], limits: Limits) -> list[str]:
+    def _rlimits(self, limits: Limits) -> list[tuple[str, int, int]]:
         cpu = math.ceil(limits.cpu_seconds)
-        memory = limits.memory_mb << 20
-        rlimits = [f"--cpu={cpu}:{cpu + 1}", f"--{limits.memory_rlimit}={memory}", f"--nproc={limits.processes}",
-                   f"--fsize={limits.file_size_mb << 20}", f"--nofile={limits.open_files}", "--core=0"]
-        if self.mode == "none":
-            return ["prlimit", *rlimits, "--", *argv]
+        processes = limits.processes
         if self.mode == "userns":  # the caller's own processes count against RLIMIT_NPROC too
-            rlimits[2] = f"--nproc={limits.processes + _tasks_of(os.getuid())}"
-        ns = ["--user", "--map-root-user"] if self.mode == "userns" else []
-        prelude = PRELUDE.format(tmpfs=f"{limits.tmpfs_mb}m")
-        return ["prlimit", *rlimits, "--", "unshare", *ns, "--net", "--pid", "--fork", "--kill-child",
-                "--mount-proc", "--", "sh", "-c", prelude, "sh", str(self.path), str(self.uid or ""), *argv]
+            processes += _tasks_of(os.getuid())
+        memory = limits.memory_mb << 20
+        rlimits = [
+            ("RLIMIT_CPU", cpu, cpu + 1),
+            (f"RLIMIT_{limits.memory_rlimit.upper()}", memory, memory),
+            ("RLIMIT_NPROC", processes, processes),
+            ("RLIMIT_FSIZE", *[limits.file_size_mb << 20] * 2),
+            ("RLIMIT_NOFILE", limits.open_files, limits.open_files),
+            ("RLIMIT_CORE", 0, 0),
+        ]
+        return [(name, *values) for name, *values in rlimits]
 
     def _env(self) -> dict[str, str]:
         home = "/dev/shm/w" if self.mode != "none" else str(self.path)
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": home,
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+        }
 
     def _exit(self, returncode: int) -> tuple[int, int | None]:
-        """(exit code, signal): through the prelude shell a signal death reads as 128 + signal."""
+        """(exit code, signal): through the namespace's init a signal death reads as 128 + signal."""
         if returncode < 0:
             return returncode, -returncode
         if self.mode != "none" and returncode > 128:
             return returncode, returncode - 128
         return returncode, None
+
+
+class _ForkServer:
+    """The harness's end of one slot's fork server (`sandbox_zygote.py`), started on first use and again
+    after it died. Used by one workspace at a time (the slot's)."""
+
+    ZYGOTE = (Path(__file__).parent / "sandbox_zygote.py").read_text()
+    ENV = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+    def __init__(self, log: Path):
+        self.log, self.proc, self.sock, self.runs = log, None, None, 0
+
+    def start(self, request: dict, fds: list[int]) -> _Run:
+        if self.proc is None or self.proc.poll() is not None:
+            self._spawn()
+        self.runs += 1
+        request = request | {"id": self.runs, "server": self.proc.pid}
+        try:
+            socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
+            reply = self._receive(timeout=60)
+        except OSError:
+            self.stop()
+            raise
+        return _Run(self, self.runs, reply["pid"])
+
+    def _spawn(self) -> None:
+        self.stop()
+        python = sandbox_python(os.geteuid() == 0)
+        if python is None:
+            raise OSError("no Python interpreter the sandbox user can run (set CODELLM_SANDBOX_PYTHON)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs, open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [python, "-s", "-S", "-c", self.ZYGOTE, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd="/",
+                env=self.ENV,
+            )
+        self.sock = ours
+
+    def _receive(self, timeout: float) -> dict:
+        """The next message of the current run; OSError if the server died or did not answer in time."""
+        while True:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                raise OSError(f"the fork server did not answer within {timeout:.0f}s")
+            data = self.sock.recv(1 << 16)
+            if not data:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:] if self.log.exists() else []
+                raise OSError(f"the fork server exited ({' | '.join(tail) or 'no message'})")
+            message = json.loads(data)
+            if message.get("id") == self.runs:
+                return message
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()  # the server sees EOF, kills a run in progress and exits
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@dataclass
+class _Run:
+    server: _ForkServer
+    id: int
+    pid: int
+
+    def status(self) -> dict | None:
+        """The run's final status once the server sends it (None: a stale message); a dead server is an error."""
+        try:
+            data = self.server.sock.recv(1 << 16)
+        except OSError as e:
+            data, reason = b"", str(e)
+        else:
+            reason = "the fork server exited during the run"
+        if not data:
+            self.server.stop()
+            return {"error": f"sandbox: {reason}"}
+        message = json.loads(data)
+        return message if message.get("id") == self.id and "status" in message else None
+
+    def kill(self) -> dict:
+        """Kill the run's process group (through the server, which has not reaped it) and wait for its status."""
+        try:
+            self.server.sock.send(json.dumps({"kill": self.id}).encode())
+            return self.server._receive(timeout=30)
+        except OSError as e:
+            self.server.stop()
+            return {"error": f"sandbox: cannot end the run: {e}"}
+
+
+def _close(root: Path, servers: list[_ForkServer]) -> None:
+    for server in servers:
+        server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class _Capture:
@@ -296,22 +465,6 @@ class _Capture:
         return self.last.decode("utf-8", "replace")
 
 
-def _reap(pid: int, deadline: float):
-    """wait4 the finished (or finishing) run until the deadline; None if it is still running then."""
-    while True:
-        reaped = os.wait4(pid, os.WNOHANG)
-        if reaped[0] == pid:
-            return reaped
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.001)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 def _tasks_of(uid: int) -> int:
     """Threads the user already runs (RLIMIT_NPROC counts them all)."""
     count = 0
@@ -325,3 +478,19 @@ def _tasks_of(uid: int) -> int:
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sandbox_python(sandbox_uid: bool) -> str | None:
+    """The interpreter of the fork servers (and so of Python programs): ours, unless the sandbox uid cannot run it
+    (pyenv under /root); CODELLM_SANDBOX_PYTHON chooses another."""
+    for candidate in (os.environ.get("CODELLM_SANDBOX_PYTHON"), sys.executable, "/usr/bin/python3"):
+        if candidate and os.path.exists(candidate):
+            real = os.path.realpath(candidate)
+            if not sandbox_uid or world_executable(real):
+                return real
+    return None
+
+
+def world_executable(path: str) -> bool:
+    parts = Path(path).parents
+    return os.stat(path).st_mode & 0o001 != 0 and all(os.stat(p).st_mode & 0o001 for p in parts)

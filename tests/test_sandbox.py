@@ -96,7 +96,8 @@ HOSTILE = {
         builtins.abs = lambda v: 0
         return x + 1 if isinstance(x, int) else 0
     """),
-    "redefines_check_and_exits_0_at_exit": body("return x\n") + textwrap.dedent("""
+    "redefines_check_and_exits_0_at_exit": body("return x\n")
+    + textwrap.dedent("""
         def check(candidate):
             pass
 
@@ -182,13 +183,24 @@ def test_hostile_program_does_not_pass(name, verdicts, sandbox):
     assert len(out.stdout) <= LIMITS.output_bytes and len(out.stderr) <= LIMITS.output_bytes
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("memory_bomb", "oom"), ("memory_creep", "oom"), ("loop_ignoring_signals", "timeout"),
-    ("sleep_after_signal_reset", "timeout"), ("fork_bomb", "timeout"), ("early_sys_exit", "failed"),
-    ("early_os_exit", "failed"), ("prints_fake_pass", "failed"), ("patches_builtins", "failed"),
-    ("redefines_check_and_exits_0_at_exit", "failed"), ("eq_always_true", "runtime_error"),
-    ("huge_output", "runtime_error"), ("disk_filler_one_file", "runtime_error"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("memory_bomb", "oom"),
+        ("memory_creep", "oom"),
+        ("loop_ignoring_signals", "timeout"),
+        ("sleep_after_signal_reset", "timeout"),
+        ("fork_bomb", "timeout"),
+        ("early_sys_exit", "failed"),
+        ("early_os_exit", "failed"),
+        ("prints_fake_pass", "failed"),
+        ("patches_builtins", "failed"),
+        ("redefines_check_and_exits_0_at_exit", "failed"),
+        ("eq_always_true", "runtime_error"),
+        ("huge_output", "runtime_error"),
+        ("disk_filler_one_file", "runtime_error"),
+    ],
+)
 def test_hostile_status(name, expected, verdicts):
     assert verdicts[name][0] == expected, verdicts[name][1]
 
@@ -223,3 +235,89 @@ def _sandbox_processes(sandbox) -> list[str]:
         if UID_BASE <= uid < UID_BASE + 1000 or cwd.startswith(str(sandbox._root)):
             found.append(f"{pid} uid={uid} cwd={cwd}")
     return found
+
+
+# --- the fork server: what a forked program inherits, how it exits, what happens when the server dies -------
+
+
+def test_program_inherits_only_stdio(sandbox):
+    with sandbox.workspace() as ws:
+        out = ws.run_python("import os\nprint(sorted(map(int, os.listdir('/proc/self/fd'))))", LIMITS)
+        shell = ws.run(["sh", "-c", "ls /proc/self/fd"], LIMITS)
+    assert out.ok and out.stdout.strip() == "[0, 1, 2, 3]", out  # 3: the listing itself
+    assert shell.ok and shell.stdout.split() == ["0", "1", "2", "3"], shell
+
+
+@pytest.mark.parametrize(
+    "source, code, stdout, stderr",
+    [
+        ("print('a')", 0, "a\n", ""),
+        ("import sys\nsys.exit(3)", 3, "", ""),
+        ("import sys\nprint('x', end='')\nsys.exit('bye')", 1, "x", "bye\n"),
+        (
+            "def f():\n    raise KeyError(1)\nf()",
+            1,
+            "",
+            'Traceback (most recent call last):\n  File "<string>", line 3, in <module>\n'
+            '  File "<string>", line 2, in f\n'
+            "KeyError: 1\n",
+        ),
+        ("x = (", 1, "", None),
+        (
+            "import atexit, threading, time\natexit.register(print, 'atexit')\n"
+            "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main')",
+            0,
+            "main\nthread\natexit\n",
+            "",
+        ),
+        (
+            "import sys\nprint(sorted(vars(sys.modules['__main__'])), sys.argv, '' in sys.path)",
+            0,
+            "['__annotations__', '__builtins__', '__doc__', '__name__', '__package__', '__spec__', 'sys'] "
+            "['-c'] False\n",
+            "",
+        ),
+    ],
+)
+def test_run_python_behaves_like_python_c(sandbox, source, code, stdout, stderr):
+    with sandbox.workspace() as ws:
+        out = ws.run_python(source, LIMITS)
+    assert (out.exit_code, out.stdout) == (code, stdout), out
+    assert out.stderr == stderr if stderr is not None else "SyntaxError" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_each_program_has_fresh_random_state(sandbox):
+    with sandbox.workspace() as ws:
+        draws = {ws.run_python("import random\nprint(random.random())", LIMITS).stdout for _ in range(3)}
+    assert len(draws) == 3
+
+
+def test_nothing_persists_between_runs_or_reaches_the_host(sandbox):
+    """System V IPC, files in /tmp and mounts stay inside one run."""
+    mounts = open("/proc/self/mounts").read()
+    leave = (
+        "import ctypes\nlibc = ctypes.CDLL(None)\n"
+        "print(libc.shmget(4242, 4096, 0o1000 | 0o666) >= 0)\nopen('/tmp/left', 'w').write('x')"
+    )
+    find = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None)\nprint(libc.shmget(4242, 0, 0) >= 0, os.path.exists('/tmp/left'))"
+    )
+    with sandbox.workspace() as ws:
+        first, second = ws.run_python(leave, LIMITS), ws.run_python(find, LIMITS)
+    assert first.stdout == "True\n" and second.stdout == "False False\n", (first, second)
+    assert open("/proc/self/mounts").read() == mounts and not os.path.exists("/dev/shm/w")
+
+
+def test_fork_server_death_ends_the_run_and_it_restarts():
+    if Sandbox(workers=1).isolation.mode != "root":
+        pytest.skip("checks the PID namespace cleanup as root")
+    with Sandbox(workers=1) as box:
+        with box.workspace() as ws:
+            timer = threading.Timer(0.5, lambda: ws.server.proc.kill())
+            timer.start()
+            out = ws.run_python("import os, time\nos.fork()\ntime.sleep(60)", Limits(cpu_seconds=30))
+            timer.join()
+        assert out.error and "fork server" in out.error and out.duration < 20, out
+        assert _sandbox_processes(box) == []
+        with box.workspace() as ws:
+            assert ws.run_python("print(1)", LIMITS).stdout == "1\n"

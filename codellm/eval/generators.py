@@ -2,6 +2,11 @@
 
     gen = LocalGenerator(model, tok, batch_size=16)            # or OpenAIGenerator(url) / TGIGenerator(url)
     texts = gen.generate([PromptSpec("def f(x):\\n", stop=("\\ndef",))], params, n=1)   # -> [[completion]]
+    for i, texts in gen.stream(specs, params, n=1): ...       # each prompt's n completions as they finish
+
+All the prompts of a call go through at once: locally one engine with continuous batching (a finished
+request's slot takes the next waiting one at the next step, no barrier between batches), remotely a pool
+of `concurrency` requests in flight.
 
 Every generator returns, per prompt, n completions truncated at the earliest stop sequence found in the
 generated text only (never in the prompt). Infilling prompts (a `suffix`) come from
@@ -16,7 +21,8 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -37,12 +43,14 @@ class PromptSpec:
 class Generator(Protocol):
     def generate(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> list[list[str]]: ...
 
+    def stream(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> Iterator[tuple[int, list[str]]]: ...
+
     def describe(self) -> dict: ...
 
 
 def truncate(text: str, stops: tuple[str, ...]) -> str:
     cuts = [i for s in stops if (i := text.find(s)) >= 0]
-    return text[:min(cuts)] if cuts else text
+    return text[: min(cuts)] if cuts else text
 
 
 def sample_seed(params: SamplingParams, spec: PromptSpec, j: int) -> int | None:
@@ -52,24 +60,55 @@ def sample_seed(params: SamplingParams, spec: PromptSpec, j: int) -> int | None:
     return zlib.crc32(f"{params.seed}|{j}|{spec.prompt}|{spec.suffix}".encode())
 
 
-class LocalGenerator:
+class _Streaming:
+    """`generate` from `stream`: every prompt's n completions, in prompt order."""
+
+    def generate(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in prompts]
+        for i, texts in self.stream(prompts, params, n):
+            out[i] = texts
+        return out
+
+    def stream(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> Iterator[tuple[int, list[str]]]:
+        raise NotImplementedError
+
+
+class _Gather:
+    """Collects finished samples per prompt; `add` returns (prompt index, n texts) once a prompt has all n."""
+
+    def __init__(self, prompts: list[PromptSpec], n: int):
+        self.prompts, self.n, self.texts = prompts, n, {}
+
+    def add(self, i: int, j: int, text: str) -> tuple[int, list[str]] | None:
+        got = self.texts.setdefault(i, {})
+        got[j] = truncate(text, self.prompts[i].stop)
+        if len(got) < self.n:
+            return None
+        del self.texts[i]
+        return i, [got[k] for k in range(self.n)]
+
+
+class LocalGenerator(_Streaming):
     def __init__(self, model, tok, batch_size: int = 16, name: str = "local"):
         self.model, self.tok, self.batch_size, self.name = model, tok, batch_size, name
         self.truncated_prompts = 0
 
     def describe(self) -> dict:
-        return {"kind": "local", "model": self.name, "batch_size": self.batch_size,
-                "prompts_left_truncated": self.truncated_prompts}
+        return {
+            "kind": "local",
+            "model": self.name,
+            "batch_size": self.batch_size,
+            "prompts_left_truncated": self.truncated_prompts,
+        }
 
-    def generate(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> list[list[str]]:
+    def stream(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> Iterator[tuple[int, list[str]]]:
         ids = [self._ids(spec, params) for spec in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         each = [replace(params, stop=prompts[i].stop, seed=sample_seed(params, prompts[i], j)) for i, j in jobs]
-        texts = self._run([ids[i] for i, _ in jobs], each)
-        out: list[list[str]] = [[] for _ in prompts]
-        for (i, _), text in zip(jobs, texts, strict=True):
-            out[i].append(truncate(text, prompts[i].stop))
-        return out
+        gather = _Gather(prompts, n)
+        for k, text in self._run([ids[i] for i, _ in jobs], each):
+            if (done := gather.add(*jobs[k], text)) is not None:
+                yield done
 
     def _ids(self, spec: PromptSpec, params: SamplingParams) -> list[int]:
         from codellm import formats
@@ -81,48 +120,68 @@ class LocalGenerator:
             while len(ids := formats.infill_prompt(self.tok, prefix, suffix, spec.order)) > keep:
                 # too long for the context: drop the start of the prefix and the end of the suffix
                 self.truncated_prompts += prefix == spec.prompt and suffix == spec.suffix
-                prefix, suffix = prefix[len(prefix) // 4 + 1:], suffix[:len(suffix) * 3 // 4]
+                prefix, suffix = prefix[len(prefix) // 4 + 1 :], suffix[: len(suffix) * 3 // 4]
             return ids
         ids = self.tok.encode(spec.prompt, bos=True)
         if len(ids) > keep:  # a prompt longer than the context keeps its end (the problem), after BOS
             self.truncated_prompts += 1
-            ids = ids[:1] + ids[len(ids) - keep + 1:]
+            ids = ids[:1] + ids[len(ids) - keep + 1 :]
         return ids
 
-    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
+    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[tuple[int, str]]:
+        """(job index, text) as each job finishes: every job is submitted to one engine at once, which runs
+        `batch_size` of them at a time and admits the next waiting one as soon as a slot frees up."""
         try:
             from codellm.engine import Engine
         except ImportError:  # the batched engine is optional: the reference generator is always there
             from codellm import generate
 
-            return [generate.collect(generate.stream_text(self.model, self.tok, x, p))
-                    for x, p in zip(ids, params, strict=True)]
+            for k, (x, p) in enumerate(zip(ids, params, strict=True)):
+                yield k, generate.collect(generate.stream_text(self.model, self.tok, x, p))
+            return
+        if not ids:
+            return
         ctx = self.model.cfg.max_seq_len
-        out = []
-        for start in range(0, len(ids), self.batch_size):
-            chunk, chunk_params = ids[start:start + self.batch_size], params[start:start + self.batch_size]
-            max_len = min(ctx, max(len(x) + p.max_new_tokens for x, p in zip(chunk, chunk_params, strict=True)))
-            engine = Engine(self.model, self.tok, max_batch=len(chunk), max_len=max_len)
-            out += [c.text for c in engine.generate(chunk, chunk_params)]
-        return out
+        max_len = min(ctx, max(len(x) + p.max_new_tokens for x, p in zip(ids, params, strict=True)))
+        engine = Engine(self.model, self.tok, max_batch=min(self.batch_size, len(ids)), max_len=max_len)
+        job = {engine.submit(x, p): k for k, (x, p) in enumerate(zip(ids, params, strict=True))}
+        texts: dict[int, list[str]] = {}
+        for event in engine.run():
+            texts.setdefault(event.request_id, []).append(event.text)
+            if event.finished:
+                yield job[event.request_id], "".join(texts.pop(event.request_id))
 
 
-class _HTTPGenerator:
+class _HTTPGenerator(_Streaming):
     path = ""
 
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 4,
-                 timeout: float = 600.0):
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        timeout: float = 600.0,
+    ):
         self.url, self.model, self.api_key = url.rstrip("/"), model, api_key
         self.concurrency, self.timeout = concurrency, timeout
 
     def describe(self) -> dict:
         return {"kind": type(self).__name__.removesuffix("Generator").lower(), "url": self.url, "model": self.model}
 
-    def generate(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> list[list[str]]:
-        jobs = [(spec, j) for spec in prompts for j in range(n)]
+    def stream(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> Iterator[tuple[int, list[str]]]:
+        gather = _Gather(prompts, n)
         with ThreadPoolExecutor(self.concurrency) as pool:
-            texts = list(pool.map(lambda job: truncate(self._one(job[0], params, job[1]), job[0].stop), jobs))
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+            futures = {
+                pool.submit(self._one, prompts[i], params, j): (i, j) for i in range(len(prompts)) for j in range(n)
+            }
+            try:
+                for future in as_completed(futures):
+                    if (done := gather.add(*futures[future], future.result())) is not None:
+                        yield done
+            finally:  # an error (or the caller stopping early) drops the requests not sent yet
+                for future in futures:
+                    future.cancel()
 
     def _one(self, spec: PromptSpec, params: SamplingParams, j: int) -> str:
         raise NotImplementedError
@@ -139,7 +198,7 @@ class _HTTPGenerator:
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if e.code in (429, 503) and attempt < 3:  # overloaded: back off and retry
-                    time.sleep(2 ** attempt)
+                    time.sleep(2**attempt)
                     continue
                 raise UserError(f"{self.url + self.path} answered HTTP {e.code}: {detail}") from None
             except (urllib.error.URLError, OSError) as e:
@@ -155,8 +214,14 @@ class OpenAIGenerator(_HTTPGenerator):
         return "/completions" if self.url.endswith("/v1") else "/v1/completions"
 
     def _one(self, spec: PromptSpec, params: SamplingParams, j: int) -> str:
-        body = {"model": self.model or "default", "prompt": spec.prompt, "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "n": 1}
+        body = {
+            "model": self.model or "default",
+            "prompt": spec.prompt,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": 1,
+        }
         if spec.stop:
             body["stop"] = list(spec.stop[:MAX_SERVER_STOPS])
         if (seed := sample_seed(params, spec, j)) is not None:
@@ -186,8 +251,11 @@ class TGIGenerator(_HTTPGenerator):
             parameters["seed"] = seed
         inputs = spec.prompt
         if spec.suffix is not None:
-            inputs = (f"<PRE> {spec.prompt} <SUF>{spec.suffix} <MID>" if spec.order == "psm"
-                      else f"<PRE> <SUF>{spec.suffix} <MID> {spec.prompt}")
+            inputs = (
+                f"<PRE> {spec.prompt} <SUF>{spec.suffix} <MID>"
+                if spec.order == "psm"
+                else f"<PRE> <SUF>{spec.suffix} <MID> {spec.prompt}"
+            )
         answer = self.post({"inputs": inputs, "parameters": parameters})
         if isinstance(answer, list):  # the compat route wraps the answer in an array
             answer = answer[0] if answer else {}

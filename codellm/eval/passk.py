@@ -27,5 +27,4 @@ def pass_at_ks(counts: dict[str, tuple[int, int]], ks: tuple[int, ...] = DEFAULT
     if not counts:
         return {}
     least = min(n for n, _ in counts.values())
-    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-            for k in ks if k <= least}
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts) for k in ks if k <= least}

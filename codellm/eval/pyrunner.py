@@ -1,4 +1,4 @@
-"""Runs inside the sandbox as `python -I -S -c <this file>`: solution.py, then tests.py, then the nonce.
+"""Runs in the sandbox as `python -s -S -c <this file>` (`Workspace.run_python`): solution.py, tests.py, nonce.
 
 The nonce arrives on stdin (never in a file, argv or the environment) and is written with an `os.write`
 saved before any untrusted code runs, so an early exit(0), a swallowed failure or a printed "passed"
@@ -15,10 +15,37 @@ import sys
 import types
 
 stdlib = sys.stdlib_module_names
-DUNDERS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__hash__",
-           "__abs__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-           "__float__", "__int__", "__index__", "__round__", "__contains__", "__iter__", "__getitem__",
-           "__str__", "__repr__", "__format__", "__getattr__", "__getattribute__")
+DUNDERS = (
+    "__eq__",
+    "__ne__",
+    "__lt__",
+    "__le__",
+    "__gt__",
+    "__ge__",
+    "__bool__",
+    "__len__",
+    "__hash__",
+    "__abs__",
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__mul__",
+    "__rmul__",
+    "__truediv__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__round__",
+    "__contains__",
+    "__iter__",
+    "__getitem__",
+    "__str__",
+    "__repr__",
+    "__format__",
+    "__getattr__",
+    "__getattribute__",
+)
 trusted: dict = {}
 
 
@@ -26,8 +53,10 @@ def is_trusted(tp):
     """Types from the standard library, or classes whose comparison/arithmetic methods the program did not write
     (a namedtuple's generated methods are fine)."""
     if tp not in trusted:
-        trusted[tp] = all(k.__module__.partition(".")[0] in stdlib or not any(written(vars(k).get(d)) for d in DUNDERS)
-                          for k in type.__getattribute__(tp, "__mro__"))
+        trusted[tp] = all(
+            k.__module__.partition(".")[0] in stdlib or not any(written(vars(k).get(d)) for d in DUNDERS)
+            for k in type.__getattribute__(tp, "__mro__")
+        )
     return trusted[tp]
 
 
@@ -60,6 +89,7 @@ def guard(fn):
             return guarded_items(result)
         check_plain(result)
         return result
+
     return guarded
 
 

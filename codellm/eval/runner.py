@@ -45,28 +45,41 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
-def generate_samples(task: Task, generator, params, n: int, problems: list[Problem], path: Path,
-                     order: str = "psm", chunk: int = 32) -> list[dict]:
-    """Append n samples for every problem that does not have them all yet; return all samples."""
+def generate_samples(
+    task: Task, generator, params, n: int, problems: list[Problem], path: Path, order: str = "psm"
+) -> list[dict]:
+    """Append n samples for every problem that does not have them all yet; return all samples.
+
+    All missing problems go to the generator at once (continuous batching locally, a pool of requests
+    remotely); each problem's samples are appended as soon as it and every problem before it are done, so
+    the file stays in problem order and an interrupted run loses only what was not written yet."""
     have = Counter(r["task_id"] for r in _read_jsonl(path)) if path.exists() else Counter()
     todo = [p for p in problems if have[p.task_id] < n]
     kept = [r for r in _read_jsonl(path) if have[r["task_id"]] >= n] if path.exists() else []
     _write_jsonl(path, kept)  # drop partial problems: they are generated again, all n samples
     progress = Progress(f"generate {task.name}", len(todo))
-    for start in range(0, len(todo), chunk):
-        batch = todo[start:start + chunk]
-        specs = [PromptSpec(p.prompt, p.suffix, order, p.stop) for p in batch]
-        outputs = generator.generate(specs, params, n)
-        _write_jsonl(path, [{"task_id": p.task_id, "sample": j, "completion": text}
-                            for p, texts in zip(batch, outputs, strict=True) for j, text in enumerate(texts)],
-                     append=True)
-        progress.advance(len(batch))
+    specs = [PromptSpec(p.prompt, p.suffix, order, p.stop) for p in todo]
+    finished: dict[int, list[str]] = {}
+    written = 0
+    for i, texts in generator.stream(specs, params, n):
+        finished[i] = texts
+        progress.advance(1)
+        rows = []
+        while written in finished:
+            rows += [
+                {"task_id": todo[written].task_id, "sample": j, "completion": text}
+                for j, text in enumerate(finished.pop(written))
+            ]
+            written += 1
+        if rows:
+            _write_jsonl(path, rows, append=True)
     progress.close()
     return read_samples(path)
 
 
-def execute_samples(task: Task, samples: list[dict], results_path: Path, sandbox: Sandbox,
-                    limits: Limits) -> list[dict]:
+def execute_samples(
+    task: Task, samples: list[dict], results_path: Path, sandbox: Sandbox, limits: Limits
+) -> list[dict]:
     """Run every sample without a result in `results_path` (appending as they finish); return all results."""
     previous = _read_jsonl(results_path) if results_path.exists() else []
     done = {(r["task_id"], r["sample"]) for r in previous}
@@ -80,8 +93,16 @@ def execute_samples(task: Task, samples: list[dict], results_path: Path, sandbox
     progress = Progress(f"execute {task.name}", sum(len(ss) for _, ss in by_program.values()))
 
     def record(sha: str, verdict: dict) -> None:
-        rows = [{"task_id": s["task_id"], "sample": s["sample"], "completion": s["completion"],
-                 "program_sha256": sha, **verdict} for s in by_program[sha][1]]
+        rows = [
+            {
+                "task_id": s["task_id"],
+                "sample": s["sample"],
+                "completion": s["completion"],
+                "program_sha256": sha,
+                **verdict,
+            }
+            for s in by_program[sha][1]
+        ]
         _write_jsonl(results_path, rows, append=True)
         results.extend(rows)
         progress.advance(len(rows), passed=sum(r["passed"] for r in rows))
@@ -101,8 +122,13 @@ def run_program(program: Program, sandbox: Sandbox, limits: Limits) -> dict:
     with sandbox.workspace() as ws:
         status, out = execute(program, ws, limits)
     output = out.error or out.stderr[-OUTPUT_CHARS:] or out.stdout[:OUTPUT_CHARS]
-    return {"status": status, "passed": status == "passed", "duration": round(out.duration, 4),
-            "exit_code": out.exit_code, "output": output}
+    return {
+        "status": status,
+        "passed": status == "passed",
+        "duration": round(out.duration, 4),
+        "exit_code": out.exit_code,
+        "output": output,
+    }
 
 
 def summarize(task: Task, results: list[dict], sandbox: Sandbox, limits: Limits, **info) -> dict:
@@ -112,14 +138,20 @@ def summarize(task: Task, results: list[dict], sandbox: Sandbox, limits: Limits,
         counts[r["task_id"]][1] += r["passed"]
     ns = [n for n, _ in counts.values()]
     return {
-        "task": task.name, "language": task.language, **info,
+        "task": task.name,
+        "language": task.language,
+        **info,
         "pass_at_k": pass_at_ks({t: (n, c) for t, (n, c) in counts.items()}),
-        "problems": len(counts), "problems_in_task": len(task.problems),
-        "samples": len(results), "samples_per_problem": [min(ns), max(ns)] if ns else [0, 0],
+        "problems": len(counts),
+        "problems_in_task": len(task.problems),
+        "samples": len(results),
+        "samples_per_problem": [min(ns), max(ns)] if ns else [0, 0],
         "programs": len({r["program_sha256"] for r in results}),
         "status_counts": dict(Counter(r["status"] for r in results).most_common()),
-        "limits": asdict(limits), "sandbox": sandbox.isolation.as_dict() | {"workers": sandbox.workers},
-        "data_files": task.data_files(), "versions": versions(task.language, sandbox.isolation.mode == "root"),
+        "limits": asdict(limits),
+        "sandbox": sandbox.isolation.as_dict() | {"workers": sandbox.workers},
+        "data_files": task.data_files(),
+        "versions": versions(task.language, sandbox.isolation.mode == "root"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -140,8 +172,11 @@ def versions(language: str, sandbox_uid: bool) -> dict[str, str]:
 def write_summary(path: Path, summary: dict) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["pass_at_k"].items()) or "no pass@k (no samples)"
-    print(f"{summary['task']}: {scores} over {summary['problems']} problems; "
-          f"statuses {summary['status_counts']}; summary in {path}", file=sys.stderr)
+    print(
+        f"{summary['task']}: {scores} over {summary['problems']} problems; "
+        f"statuses {summary['status_counts']}; summary in {path}",
+        file=sys.stderr,
+    )
 
 
 class Progress:
@@ -158,8 +193,10 @@ class Progress:
             self.shown = decile
             elapsed = time.monotonic() - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0
-            line = (f"{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
-                    f" | passed {self.passed} | {elapsed:.0f}s | eta {eta:.0f}s")
+            line = (
+                f"{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
+                f" | passed {self.passed} | {elapsed:.0f}s | eta {eta:.0f}s"
+            )
             print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -21,12 +21,23 @@ from codellm.errors import UserError
 from codellm.eval.execution import Program
 
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
-INFILL_FILES = {"single-line": ("HumanEval-SingleLineInfilling.jsonl.gz", 1033),
-                "multi-line": ("HumanEval-MultiLineInfilling.jsonl.gz", 5815),
-                "random-span": ("HumanEval-RandomSpanInfilling.jsonl.gz", 1640),
-                "random-span-light": ("HumanEval-RandomSpanInfillingLight.jsonl.gz", 164)}
-MULTIPLE_COUNTS = {"cpp": 161, "java": 158, "js": 161, "ts": 159, "php": 161, "cs": 158, "sh": 158, "go": 154,
-                   "rs": 156}
+INFILL_FILES = {
+    "single-line": ("HumanEval-SingleLineInfilling.jsonl.gz", 1033),
+    "multi-line": ("HumanEval-MultiLineInfilling.jsonl.gz", 5815),
+    "random-span": ("HumanEval-RandomSpanInfilling.jsonl.gz", 1640),
+    "random-span-light": ("HumanEval-RandomSpanInfillingLight.jsonl.gz", 164),
+}
+MULTIPLE_COUNTS = {
+    "cpp": 161,
+    "java": 158,
+    "js": 161,
+    "ts": 159,
+    "php": 161,
+    "cs": 158,
+    "sh": 158,
+    "go": 154,
+    "rs": 156,
+}
 MBPP_SHOTS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
 
@@ -100,8 +111,16 @@ class HumanEval(Task):
 
     def _load(self) -> list[Problem]:
         rows = _expect(self._files()[0], read_jsonl(self._files()[0]), 164)
-        return [Problem(r["task_id"], r["prompt"].strip() if self.strip_prompt else r["prompt"], HUMANEVAL_STOPS,
-                        reference=r["canonical_solution"], row=r) for r in rows]
+        return [
+            Problem(
+                r["task_id"],
+                r["prompt"].strip() if self.strip_prompt else r["prompt"],
+                HUMANEVAL_STOPS,
+                reference=r["canonical_solution"],
+                row=r,
+            )
+            for r in rows
+        ]
 
     def program(self, problem: Problem, completion: str) -> Program:
         return Program("py", problem.prompt + completion, _check(problem.row))
@@ -130,14 +149,17 @@ class MBPP(Task):
         shots = "".join(self._block(by_id[i]) + f"{by_id[i]['code']}\n[DONE]\n\n" for i in MBPP_SHOTS)
         test = [r for r in rows if r["task_id"] in MBPP_TEST_IDS]
         _expect(path, test, 257 if self.sanitized else 500, "test-split problems")
-        return [Problem(str(r["task_id"]), shots + self._block(r), ("[DONE]",), reference=r["code"], row=r)
-                for r in test]
+        return [
+            Problem(str(r["task_id"]), shots + self._block(r), ("[DONE]",), reference=r["code"], row=r) for r in test
+        ]
 
     def _block(self, row: dict) -> str:
         text = row["prompt"] if self.sanitized else row["text"]
         tests = "\n".join(row["test_list"])
-        return (f"You are an expert Python programmer, and here is your task: {text} "
-                f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+        return (
+            f"You are an expert Python programmer, and here is your task: {text} "
+            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        )
 
     def program(self, problem: Problem, completion: str) -> Program:
         row = problem.row
@@ -160,8 +182,10 @@ class Infilling(Task):
     def _load(self) -> list[Problem]:
         path = self._files()[0]
         rows = _expect(path, read_jsonl(path), INFILL_FILES[self.benchmark][1])
-        return [Problem(r["task_id"], r["prompt"], suffix=r["suffix"], reference=r["canonical_solution"], row=r)
-                for r in rows]
+        return [
+            Problem(r["task_id"], r["prompt"], suffix=r["suffix"], reference=r["canonical_solution"], row=r)
+            for r in rows
+        ]
 
     def program(self, problem: Problem, completion: str) -> Program:
         return Program("py", problem.prompt + completion + problem.suffix, _check(problem.row))
@@ -200,8 +224,10 @@ def get_task(name: str, data_dir: Path | None = None) -> Task:
         return Infilling(data_dir, name.removeprefix("infill-"))
     if name.startswith("multipl-e-"):
         return MultiPLE(data_dir, name.removeprefix("multipl-e-"))
-    raise UserError(f"unknown task {name!r}: use humaneval, mbpp, mbpp-sanitized, infill-"
-                    f"{{{','.join(INFILL_FILES)}}} or multipl-e-{{{','.join(MULTIPLE_COUNTS)}}}")
+    raise UserError(
+        f"unknown task {name!r}: use humaneval, mbpp, mbpp-sanitized, infill-"
+        f"{{{','.join(INFILL_FILES)}}} or multipl-e-{{{','.join(MULTIPLE_COUNTS)}}}"
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

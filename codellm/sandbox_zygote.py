@@ -1,0 +1,285 @@
+"""The sandbox's fork server, one per worker slot: `python -s -S -c <this file> FD` (FD: a SOCK_SEQPACKET socket).
+
+It never runs untrusted code itself. For each request (JSON, with the run's stdin/stdout/stderr pipes passed
+as file descriptors) it forks a run and answers {"pid"}, then {"status", "cpu", "error"} once the run is over:
+
+    A (new session; dies with this server)
+      unshare(net, pid, mount, ipc, uts [, user]); mounts private; tmpfs on /dev/shm, /tmp, /var/tmp;
+      the work dir bound at /dev/shm/w
+      B = PID 1 of the new namespace (root; dies with A): fresh /proc, then forks C, reaps everything,
+          and on C's exit kills whatever C left in the namespace; exits with C's status (128 + signal)
+          C: stdio = the pipes, every other descriptor closed, rlimits, cwd, scrubbed env, the slot uid
+             (no groups, no new privileges), then execs argv, or runs the Python source in this forked
+             interpreter (no new interpreter to start: the main saving per program).
+
+Mode "none" (no namespaces): A is C. A request {"kill": id} kills the run's process group; the group is also
+killed once A has exited (before it is reaped, so its pid cannot have been reused). Setup failures before
+the program starts reach the server through a pipe that C closes before running anything untrusted.
+"""
+
+import atexit
+import builtins
+import ctypes
+import errno
+import gc
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+
+# Modules that programs under test often import and that hold no per-process state (no random seeds, which a
+# fork would share): imported once here, so that every forked program finds them loaded.
+PRELOADED = ("bisect", "collections", "functools", "hashlib", "heapq", "itertools", "math", "re", "string", "typing")
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SETUP_FAILED = 125
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.unshare.argtypes = [ctypes.c_int]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source, target: str, fstype, flags: int, data=None) -> None:
+    enc = lambda s: s.encode() if s is not None else None
+    _check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _die_with_parent(alive) -> None:
+    """SIGKILL when the parent dies; `alive()` tells whether it died before the prctl."""
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+    if not alive():
+        raise OSError("the parent process died during setup")
+
+
+def _open(fd: int) -> bool:
+    """Whether a pipe's write end is still held (by the parent): its read end has no EOF."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1) != b""
+    except BlockingIOError:
+        return True
+
+
+def _code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal."""
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _start(req: dict, fds: list[int], err_w: int):
+    """In the forked run (A): set up and return the Python source to run in the program's process (C) only;
+    every other process of the run ends in os._exit."""
+    os.setsid()
+    server_pid = req["server"]
+    _die_with_parent(lambda: os.getppid() == server_pid)
+    mode = req["mode"]
+    if mode == "none":
+        return _program(req, fds)
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    _check(libc.unshare(flags | (CLONE_NEWUSER if mode == "userns" else 0)), "unshare")
+    if mode == "userns":  # root inside maps to the caller outside
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
+    tmpfs = f"size={req['tmpfs_mb']}m,mode=1777"
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    os.mkdir("/dev/shm/w")
+    _mount(req["path"], "/dev/shm/w", None, MS_BIND)  # before /tmp is covered: the work dir may live there
+    for target in ("/tmp", "/var/tmp"):
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    life_r, life_w = os.pipe()  # B's parent is outside its PID namespace (getppid() is 0): watch a pipe instead
+    if os.fork() == 0:  # B, PID 1 of the new namespace
+        os.close(life_w)
+        _die_with_parent(lambda: _open(life_r))
+        os.close(life_r)
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        c = os.fork()
+        if c == 0:
+            return _program(req, fds)
+        for fd in (*fds, err_w):
+            os.close(fd)
+        status = 0
+        while True:
+            try:
+                pid, st = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            if pid == c:
+                status = _code(st)
+                if os.getpid() == 1:  # only ever as the init of a PID namespace: this kills that namespace only
+                    try:
+                        os.kill(-1, signal.SIGKILL)
+                    except ProcessLookupError:  # nothing left
+                        pass
+        os._exit(status)
+    for fd in (*fds, err_w, life_r):
+        os.close(fd)
+    _, st = os.waitpid(-1, 0)
+    os._exit(_code(st))
+
+
+def _program(req: dict, fds: list[int]):
+    """C: become the program. Returns the Python source to run, or execs (never returns)."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for name, soft, hard in req["rlimits"]:
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    os.chdir(req["cwd"])
+    if req["uid"] is not None:
+        uid = req["uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    os.environ.clear()
+    os.environ.update(req["env"])
+    server.detach()
+    os.closerange(3, 1 << 20)  # the server socket, the setup-error pipe, anything else inherited
+    if req.get("python") is not None:
+        return req["python"]
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; an exec'd program must not inherit that
+        signal.signal(sig, signal.SIG_DFL)
+    argv = req["argv"]
+    try:
+        os.execvpe(argv[0], argv, req["env"])
+    except OSError as e:
+        os.write(2, f"codellm sandbox: cannot run {argv[0]}: {e.strerror}\n".encode())
+        os._exit(127 if e.errno == errno.ENOENT else 126)
+
+
+def _send(message: dict) -> None:
+    server.send(json.dumps(message).encode())
+
+
+def _wait(pid: int, run_id: int):
+    """Wait for the run's first process, serving kill requests; kill its group before reaping it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # Linux < 5.3: no kill requests, the run ends by its rlimits
+        pidfd = None
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(server, select.POLLIN)
+        while not any(fd == pidfd for fd, _ in poller.poll()):
+            message = server.recv(1 << 16)
+            if not message or json.loads(message).get("kill") == run_id:
+                _kill(pid)
+            if not message:  # the harness is gone: end the run, then this server
+                os.waitpid(pid, 0)
+                os._exit(0)
+        os.close(pidfd)
+        _kill(pid)  # A has exited but is not reaped yet: its pid still names its own group
+    _, status, usage = os.wait4(pid, 0)
+    return status, usage
+
+
+def _kill(pid: int) -> None:
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def serve():
+    """Answer requests until the harness closes the socket; returns only in a forked Python program."""
+    while True:
+        message, fds, _, _ = socket.recv_fds(server, 1 << 20, 3)
+        if not message:
+            os._exit(0)
+        req = json.loads(message)
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                return _start(req, fds, err_w)
+            except BaseException as e:  # noqa: BLE001 (setup failed: report it, never return to the loop)
+                try:
+                    os.write(err_w, f"{type(e).__name__}: {e}".encode())
+                finally:
+                    os._exit(SETUP_FAILED)
+        for fd in (*fds, err_w):
+            os.close(fd)
+        _send({"id": req["id"], "pid": pid})
+        status, usage = _wait(pid, req["id"])
+        os.set_blocking(err_r, False)
+        try:
+            error = os.read(err_r, 4096).decode("utf-8", "replace")
+        except BlockingIOError:
+            error = ""
+        os.close(err_r)
+        _send({"id": req["id"], "status": status, "cpu": usage.ru_utime + usage.ru_stime, "error": error or None})
+
+
+def _become(source: str, main=sys.modules["__main__"], argv=sys.argv, builtins=builtins):
+    """The forked program's process: __main__ emptied, as `python -c source` would start it."""
+    namespace = vars(main)
+    namespace.clear()  # this server's globals (what runs after this gets its names as default arguments)
+    namespace.update(
+        {
+            "__name__": "__main__",
+            "__doc__": None,
+            "__package__": None,
+            "__spec__": None,
+            "__annotations__": {},
+            "__builtins__": builtins,
+        }
+    )
+    argv[:] = ["-c"]
+    return source, namespace
+
+
+def _run(source, namespace, sys=sys, os=os, atexit=atexit) -> None:
+    """Run the program and exit as the interpreter would (traceback or SystemExit, threads joined, atexit
+    handlers, stdout flushed, status 120 if that fails) but without its teardown, which costs more than the
+    three forks of a run."""
+    status = 0
+    try:
+        exec(compile(source, "<string>", "exec"), namespace)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 (what the interpreter prints for an uncaught exception)
+        kind, value, tb = sys.exc_info()
+        value = value.with_traceback(tb.tb_next)  # from the program's first frame, not this function's
+        sys.excepthook(kind, value, value.__traceback__)
+        status = 1
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()  # non-daemon threads finish first
+    except BaseException:  # noqa: BLE001
+        pass
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001
+        status = 120
+    try:
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(status & 0xFF)
+
+
+for name in PRELOADED:
+    __import__(name)
+if sys.path and sys.path[0] == "":  # as -P would: the program's directory is not on the import path
+    del sys.path[0]
+server = socket.socket(fileno=int(sys.argv[1]))
+gc.freeze()  # what is loaded now stays out of the collector: forked programs share it without copying
+_run(*_become(serve()))
