@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/default}
-STEPS_PRETRAIN=${STEPS_PRETRAIN:-400}
-STEPS_LONG=${STEPS_LONG:-20}
-STEPS_SFT=${STEPS_SFT:-40}
+STEPS_PRETRAIN=${STEPS_PRETRAIN:-900}
+STEPS_LONG=${STEPS_LONG:-30}
+STEPS_SFT=${STEPS_SFT:-60}
 BATCH=${BATCH:-8192}   # tokens per optimizer step
 mkdir -p "$RUN"
 stage() {  # name, then the command; records wall time per stage in $RUN/times.tsv
