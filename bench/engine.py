@@ -7,8 +7,11 @@ concurrent streams, and prefill as a fraction of the measured matmul peak. Same 
 Prints markdown tables; the numbers go into the README. Models: `bench50m` is bench/decode.py's ~50M
 Llama (Code Llama vocabulary, random weights); `default` is models/default when it exists, else the
 `default` preset with random weights (the table says which). EOS is ignored: every request runs to its
-token count. Decode tok/s excludes the prompt: codellm and llama.cpp time the decode steps, transformers
-(t(N new tokens) - t(1)) / (N - 1). The bandwidth floor is copy bandwidth / bytes read per token.
+token count. codellm decode runs eager and, unless --no-compile, through the compiled decode step
+(`Engine(compile=True)`; the table gives the seconds its first calls took, compiling included, and the
+ratios and the streams table use it). Decode tok/s excludes the prompt: codellm and llama.cpp time the
+decode steps, transformers (t(N new tokens) - t(1)) / (N - 1). The bandwidth floor is copy bandwidth /
+bytes read per token.
 
 llama.cpp is measured when `llama_cpp` (llama-cpp-python) imports and its converter script is found
 (--convert-script or $LLAMA_CPP_CONVERT); otherwise the table says it was skipped and why. The GGUF
@@ -75,12 +78,17 @@ def load_ignoring_eos(path: Path, dtype: str) -> Transformer:
 
 # --- codellm -----------------------------------------------------------------------------------------
 
-def engine_decode(model: Transformer, streams: int, prompt_tokens: int, new_tokens: int) -> float:
-    """Aggregate decode tok/s of `streams` concurrent requests, timed over steps with no prompt work."""
+def engine_decode(model: Transformer, streams: int, prompt_tokens: int, new_tokens: int,
+                  compile: bool = False) -> tuple[float, float]:
+    """Aggregate decode tok/s of `streams` concurrent requests, timed over steps with no prompt work;
+    and the seconds the warm-up's first decode calls took (compiling, with `compile`)."""
     engine = Engine(model, max_batch=streams, max_len=prompt_tokens + new_tokens,
-                    token_budget=max(512, streams))
+                    token_budget=max(512, streams), compile=compile)
     params = SamplingParams(max_new_tokens=new_tokens)
-    engine.generate([random_prompt(8, model.cfg.vocab_size, 0)], SamplingParams(max_new_tokens=4))  # warm-up
+    warm = [random_prompt(8, model.cfg.vocab_size, i) for i in range(min(streams, 2))]
+    engine.generate(warm, SamplingParams(max_new_tokens=4))  # warm-up: one row and (streams > 1) several
+    engine.generate(warm[:1], SamplingParams(max_new_tokens=4))
+    compile_s = engine.decoder.compile_seconds if compile else 0.0
     for i in range(streams):
         engine.submit(random_prompt(prompt_tokens, model.cfg.vocab_size, i), params)
     tokens, seconds = 0, 0.0
@@ -91,7 +99,7 @@ def engine_decode(model: Transformer, streams: int, prompt_tokens: int, new_toke
         if decode_only:
             seconds += time.perf_counter() - t0
             tokens += sum(e.token_id is not None for e in events)
-    return tokens / seconds
+    return tokens / seconds, compile_s
 
 
 def engine_prefill(model: Transformer, n_tokens: int, chunk: int) -> float:
@@ -193,6 +201,8 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=512, help="the engine's token budget per step")
     ap.add_argument("--convert-script", default=os.environ.get("LLAMA_CPP_CONVERT"))
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="measure the eager engine only (no torch.compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtypes, streams = args.dtypes.split(","), [int(s) for s in args.streams.split(",")]
@@ -209,13 +219,17 @@ def main():
         for path, what in models.values():
             for dtype in dtypes:
                 model = load_ignoring_eos(path, dtype)
-                ours = engine_decode(model, 1, args.prompt_tokens, args.new_tokens)
+                eager, _ = engine_decode(model, 1, args.prompt_tokens, args.new_tokens)
+                compiled, compile_s = (engine_decode(model, 1, args.prompt_tokens, args.new_tokens, True)
+                                       if args.compile else (None, 0.0))
                 hf = hf_decode(path, dtype, args.prompt_tokens, args.new_tokens)
                 lcpp = None if skip else llama_cpp_decode(to_gguf(path, dtype, args.convert_script, Path(tmp)),
                                                           args.threads, args.prompt_tokens, args.new_tokens)
-                decode_rows.append((what, dtype, ours, hf, lcpp, bandwidth / decode_bytes(model)))
+                decode_rows.append((what, dtype, eager, compiled, compile_s, hf, lcpp,
+                                    bandwidth / decode_bytes(model)))
                 if dtype == dtypes[0]:
-                    speeds = [engine_decode(model, n, args.prompt_tokens, args.new_tokens) for n in streams]
+                    speeds = [engine_decode(model, n, args.prompt_tokens, args.new_tokens, args.compile)[0]
+                              for n in streams]
                     stream_rows.append((what, dtype, speeds))
                 n = min(args.prefill_tokens, model.cfg.max_seq_len - 1)
                 speed = engine_prefill(model, n, args.prefill_chunk)
@@ -226,14 +240,18 @@ def main():
 
 def print_tables(args, decode_rows, stream_rows, prefill_rows, streams, skip):
     print(f"\nbatch-1 decode tok/s (prompt {args.prompt_tokens}, {args.new_tokens} new tokens)\n")
-    print("| model | dtype | codellm | transformers | llama.cpp | codellm / transformers | codellm / llama.cpp "
-          "| bandwidth floor | codellm / floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for what, dtype, ours, hf, lcpp, floor in decode_rows:
+    print("codellm: the engine eager, and compiled (its first calls' seconds, compiling included); the ratios "
+          "use the compiled engine" + (" (--no-compile: the eager one)\n" if not args.compile else "\n"))
+    print("| model | dtype | codellm eager | codellm compiled | transformers | llama.cpp | codellm / transformers "
+          "| codellm / llama.cpp | bandwidth floor | codellm / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for what, dtype, eager, compiled, compile_s, hf, lcpp, floor in decode_rows:
+        ours = eager if compiled is None else compiled
+        comp = "off" if compiled is None else f"{compiled:.1f} ({compile_s:.0f} s)"
         lc, ratio = ("skipped", "-") if lcpp is None else (f"{lcpp:.1f}", f"{ours / lcpp:.2f}x")
-        print(f"| {what} | {dtype} | {ours:.1f} | {hf:.1f} | {lc} | {ours / hf:.2f}x | {ratio} | {floor:.1f} "
-              f"| {ours / floor:.0%} |")
-    print("\naggregate decode tok/s by concurrent streams\n")
+        print(f"| {what} | {dtype} | {eager:.1f} | {comp} | {hf:.1f} | {lc} | {ours / hf:.2f}x | {ratio} "
+              f"| {floor:.1f} | {ours / floor:.0%} |")
+    print("\naggregate decode tok/s by concurrent streams" + (" (compiled engine)" if args.compile else "") + "\n")
     print("| model | dtype | " + " | ".join(f"{n} streams" for n in streams) + f" | {streams[-1]} / 1 |")
     print("|---|---|" + "---|" * (len(streams) + 1))
     for what, dtype, speeds in stream_rows:

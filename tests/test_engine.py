@@ -296,3 +296,16 @@ def test_cli_kv_memory_too_small_is_a_user_error(tiny_model_dir, capsys):
     assert "cannot hold one slot of" in capsys.readouterr().err
     assert main(["complete", "def f(", "--model", str(tiny_model_dir), "--kv-memory", "1M",
                  "--max-new-tokens", "5"]) == 0
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_greedy(model):
+    """The compiled decode step (engine/decode.py) gives the eager path's tokens; one compile (~20 s):
+    every request decodes in the same steps, so only the several-rows graph is built."""
+    prompts = [random_prompt(n, 400 + n) for n in (5, 30, 12, 61)]
+    params = SamplingParams(max_new_tokens=20)
+    eager = [c.token_ids for c in Engine(model, max_batch=4, token_budget=256).generate(prompts, params)]
+    compiled = Engine(model, max_batch=4, token_budget=256, compile=True)
+    assert [c.token_ids for c in compiled.generate(prompts, params)] == eager
+    assert eager == [reference(model, p, params) for p in prompts]
+    assert compiled.decoder.compile_seconds > 0 and compiled.cache.n_free == 4

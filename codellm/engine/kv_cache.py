@@ -1,9 +1,12 @@
 """The KV cache as slots: one pair of tensors, allocated once, that every request's keys and values live in.
 
-Storage is `k`, `v`: (layers, slots, kv_heads, max_len, head_dim) in the model's dtype. The head axis
-sits before the position axis (the layout of `model.KVCache`) because SDPA wants one contiguous
-(len, head_dim) plane per head: decode attention over 16 rows x 256 keys (8 kv heads x 64) took 1.09 ms
-in this layout and 1.61 ms with positions before heads (1 thread, CPU).
+Storage is `store_k`, `store_v`: (slots, layers, kv_heads, max_len, head_dim) in the model's dtype, seen
+as `k`, `v`: (layers, slots, kv_heads, max_len, head_dim) views (the layout of `model.KVCache`). Slots
+come first so that the rows [0, B) the decode step reads are one contiguous block, whatever B
+(`decode.DecodeStep` passes them to a graph compiled for any B). The head axis sits before the position
+axis because attention wants one contiguous (len, head_dim) plane per head: decode attention over 16
+rows x 256 keys (8 kv heads x 64) took 1.09 ms in this layout and 1.61 ms with positions before heads
+(1 thread, CPU).
 
 Each slot row records which sequence it holds (`seqs[row]`: an object with `tokens` and `n_computed`; the
 KV of `tokens[:n_computed]` is in the row). A freed row keeps its record, so a later request that shares
@@ -69,9 +72,10 @@ class SlotView(KVCache):
 class SlotKVCache:
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
-        shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (n_slots, cfg.n_layers, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.store_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.store_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = self.store_k.transpose(0, 1), self.store_v.transpose(0, 1)  # (layers, slots, ...)
         self.max_len = max_len
         self.seqs: list[CachedSequence | None] = [None] * n_slots
         self.busy = [False] * n_slots

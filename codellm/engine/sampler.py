@@ -17,8 +17,10 @@ from codellm.generate import SamplingParams, sample_next
 
 def sample_rows(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     """logits (n, vocab), one row per request -> the next token of each."""
-    out = [0] * len(requests)
     plain = [i for i, r in enumerate(requests) if _plain_greedy(r.params)]
+    if len(plain) == len(requests):  # no row copy (logits[plain] gathers them: 3% of a 16-row step)
+        return logits.argmax(-1).tolist()
+    out = [0] * len(requests)
     if plain:
         for i, token in zip(plain, logits[plain].argmax(-1).tolist(), strict=True):
             out[i] = token
