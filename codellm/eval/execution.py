@@ -61,6 +61,7 @@ class Language:
     memory_rlimit: str = "as"
     failure: tuple[str, ...] = ()  # output meaning a test failed (rather than another runtime error)
     syntax: tuple[str, ...] = ()  # stderr meaning the program did not parse
+    build_failure: tuple[str, ...] = ()  # stderr meaning a run step that also compiles (`go test`) could not build
     exit_unreliable: bool = False  # a failed assertion may still exit 0 (C# Debug.Assert under mono)
     silent_failure: bool = False  # a failed test exits non-zero without output (bash `set -e`)
     env: dict = field(default_factory=dict)
@@ -149,6 +150,7 @@ LANGUAGES = {
             nonce_before_brace=1,
             memory_rlimit="data",
             failure=("--- FAIL",),
+            build_failure=("# command-line-arguments",),
             env={"GOCACHE": "/tmp/go-cache", "GOPATH": "/tmp/go", "GO111MODULE": "off", "GOTOOLCHAIN": "local"},
         ),
         Language(
@@ -176,14 +178,16 @@ def with_nonce(lang: Language, tests: str, nonce: str) -> str:
 
 @cache
 def resolve_tool(name: str, sandbox_uid: bool) -> str | None:
-    """Absolute path of a tool the sandbox user can execute (None if missing or, as root, not world-executable)."""
+    """Absolute path of the first tool along PATH that the sandbox user can execute (as root: world-executable;
+    rustup's rustc under /root is passed over for Debian's in /usr/bin); None if there is none."""
     if name == "python":
         return sandbox_python(sandbox_uid)
-    path = shutil.which(name)
-    if path is None:
-        return None
-    real = os.path.realpath(path)
-    return real if not sandbox_uid or world_executable(real) else None
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = shutil.which(name, path=folder or ".")
+        # the link itself, not its target: rustup's proxies dispatch on the name they are called by
+        if path is not None and (not sandbox_uid or world_executable(os.path.realpath(path))):
+            return os.path.abspath(path)
+    return None
 
 
 def missing_tools(lang: Language, ws_mode: str) -> list[str]:
@@ -227,6 +231,8 @@ def verdict(lang: Language, out: Outcome, nonce: str) -> str:
         return "oom"
     if any(m in out.stderr for m in lang.syntax):
         return "syntax_error"
+    if any(m in out.stderr for m in lang.build_failure):
+        return "compile_error"
     if out.exit_code == 0 or failed_marker or (lang.silent_failure and not out.stderr.strip()):
         return "failed"  # exit 0 without the nonce: it left before the tests finished
     return "runtime_error"
