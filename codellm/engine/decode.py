@@ -46,11 +46,15 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         qkv = F.linear(block.input_layernorm(x), attn.qkv_weight).view(B, H + 2 * KV, hd)
         qk = apply_rope(qkv[:, :H + KV], cos, sin)
         q, kn, vn = qk[:, :H].unflatten(1, (KV, H // KV)), qk[:, H:], qkv[:, H + KV:]  # q (B, KV, G, hd)
+        # one bmm per KV head over the storage as it lies (a strided batch): a 4-d matmul would copy
+        # the cached keys/values of every row into one batch first
         kc, vc = k[:, i, :, :L], v[:, i, :, :L]  # (B, KV, L, hd)
-        scores = torch.matmul(q, kc.transpose(-1, -2)).float().masked_fill(hidden, float("-inf"))
+        scores = torch.stack([torch.bmm(q[:, j], kc[:, j].transpose(1, 2)) for j in range(KV)], 1)
+        scores = scores.float().masked_fill(hidden, float("-inf"))  # (B, KV, G, L)
         own = (q * kn[:, :, None]).float().sum(-1, keepdim=True)  # (B, KV, G, 1): the new key
         p = torch.softmax(torch.cat([scores, own], -1) * scale, dim=-1).to(x.dtype)  # (B, KV, G, L + 1)
-        out = torch.matmul(p[..., :L], vc) + p[..., L:] * vn[:, :, None]  # (B, KV, G, hd)
+        out = torch.stack([torch.bmm(p[:, j, :, :L], vc[:, j]) for j in range(KV)], 1)
+        out = out + p[..., L:] * vn[:, :, None]  # (B, KV, G, hd)
         x = x + attn.o_proj(out.flatten(1))
         x = x + block.mlp(block.post_attention_layernorm(x))
         new_k.append(kn)
