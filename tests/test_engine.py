@@ -9,6 +9,7 @@ import torch
 from codellm import formats, generate
 from codellm.checkpoint import load_model
 from codellm.engine import Engine, SlotKVCache, parse_size
+from codellm.engine.decode import DecodeStep
 from codellm.engine.kv_cache import common_prefix
 from codellm.errors import UserError
 from codellm.generate import SamplingParams, generate_tokens
@@ -296,6 +297,24 @@ def test_cli_kv_memory_too_small_is_a_user_error(tiny_model_dir, capsys):
     assert "cannot hold one slot of" in capsys.readouterr().err
     assert main(["complete", "def f(", "--model", str(tiny_model_dir), "--kv-memory", "1M",
                  "--max-new-tokens", "5"]) == 0
+
+
+def test_decode_step_equals_the_model_forward(model):
+    """The pure decode function (what Engine(compile=True) compiles), run eagerly: rows at different
+    positions, over the slot storage, give the model's logits and store the same keys/values."""
+    prompts = [random_prompt(n, 500 + n) for n in (9, 30, 17)]
+    cache = SlotKVCache(model.cfg, n_slots=4, max_len=64)
+    with torch.inference_mode():
+        for row, p in enumerate(prompts):
+            model(torch.tensor([p]), torch.arange(len(p))[None], cache.view(row, row + 1))
+        before = (cache.k.clone(), cache.v.clone())
+        tokens, positions = [5, 6, 7], [len(p) for p in prompts]
+        want = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache.view(0, 3))[:, 0]
+        after = (cache.k.clone(), cache.v.clone())
+        cache.k[:], cache.v[:] = before  # forget what the forward stored
+        got = DecodeStep(model, cache)(tokens, positions)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((cache.k, cache.v), after)
 
 
 @pytest.mark.slow

@@ -86,6 +86,8 @@ class Engine:
             model.fuse_projections()
         # compiled: decode steps run `decode.decode_step`, a pure function made for torch.compile; eager:
         # model.forward through a SlotView (fewer, fused kernels: SDPA; 10% faster than eager decode_step)
+        if compile and not isinstance(model, Transformer):
+            raise TypeError(f"compile=True needs a codellm Transformer (got {type(model).__name__})")
         self.decoder = DecodeStep(model, self.cache, compile=True) if compile else None
         self.model, self.device = model, weight.device
         self.tok = tokenizer if tokenizer is not None else _IdsOnly(cfg.eos_id)
