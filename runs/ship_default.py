@@ -3,6 +3,9 @@ each with a MODEL_CARD.md written from the run's own records (corpus manifest, s
 wall times) and with sample outputs generated on the spot.
 
     .venv/bin/python runs/ship_default.py [--run runs/default] [--out models]
+        [--eval-base runs/eval/default] [--eval-instruct runs/eval/default-instruct]
+
+With --eval-* (a `runs/eval_default.sh` output folder), the card gets that evaluation's SUMMARY.md.
 """
 
 from __future__ import annotations
@@ -65,10 +68,11 @@ def samples(model_dir: Path, instruct: bool) -> str:
     return "\n\n".join(out)
 
 
-def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: bool) -> str:
+def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: bool, evaluation: Path | None) -> str:
     corpus = json.loads((run / "corpus" / "manifest.json").read_text())
     times = wall_times(run)
     train_minutes = sum(times.get(_time_key(stage), 0) for stage in stages) / 60
+    prep_minutes = (times.get("corpus", 0) + times.get("tokenizer", 0)) / 60
     n_params = sum(p.numel() for p in load_model(model_dir).parameters())
     cfg = json.loads((model_dir / "config.json").read_text())
     permissive = sorted({p["license"] for p in corpus["packages"].values() if p.get("permissive")}) \
@@ -80,8 +84,8 @@ def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: boo
         f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, RoPE theta {cfg['rope_theta']:g}, "
         f"{cfg['max_position_embeddings']:,}-token context, {cfg['vocab_size']:,}-token byte-level BPE with "
         "`<PRE> <SUF> <MID> <EOT>`), trained from scratch by codellm's own pipeline (`runs/default_model.sh`) "
-        f"on 2 CPU cores in {train_minutes:.0f} minutes of training (after about 13 minutes building the corpus "
-        "and tokenizer). It exists so that every codellm command works offline out of "
+        f"on 2 CPU cores in {train_minutes:.0f} minutes of training (after {prep_minutes:.0f} minutes building the "
+        "corpus and tokenizer). It exists so that every codellm command works offline out of "
         "the box and to show the pipeline end to end; with a few million training tokens it has learnt the "
         "surface of code (indentation, identifiers, punctuation), not programming: do not expect working code "
         "from it. The same script with larger STEPS_* on a GPU trains a useful model.",
@@ -129,6 +133,9 @@ def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: boo
     ]
     lines += [f"![{stage} loss]({stage}_loss.png)" for stage in stages]
     lines += ["", "## Samples", "", samples(model_dir, instruct), ""]
+    if evaluation is not None:
+        summary = (evaluation / "SUMMARY.md").read_text().strip()
+        lines += ["## Evaluation", "", f"`bash runs/eval_default.sh models/{name}` (greedy pass@1):", "", summary, ""]
     return "\n".join(lines)
 
 
@@ -136,12 +143,13 @@ def _time_key(stage: str) -> str:
     return {"long": "long-context"}.get(stage, stage)
 
 
-def ship(run: Path, name: str, stage_dir: str, stages: list[str], out: Path, instruct: bool) -> Path:
+def ship(run: Path, name: str, stage_dir: str, stages: list[str], out: Path, instruct: bool,
+         evaluation: Path | None = None) -> Path:
     model = load_model(run / stage_dir / "final")
     target = save_model(model, out / name, tokenizer_dir=run / stage_dir / "final", dtype="bfloat16")
     for stage in stages:
         shutil.copy2(run / stage / "loss.png", target / f"{stage}_loss.png")
-    (target / "MODEL_CARD.md").write_text(card(run, name, stages, target, instruct))
+    (target / "MODEL_CARD.md").write_text(card(run, name, stages, target, instruct, evaluation))
     return target
 
 
@@ -149,9 +157,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/default"))
     ap.add_argument("--out", type=Path, default=Path("models"))
+    ap.add_argument("--eval-base", type=Path, help="runs/eval_default.sh output for the base model")
+    ap.add_argument("--eval-instruct", type=Path, help="runs/eval_default.sh output for the instruct model")
     args = ap.parse_args()
-    print(ship(args.run, "default", "long", ["pretrain", "long"], args.out, instruct=False))
-    print(ship(args.run, "default-instruct", "sft", ["pretrain", "long", "sft"], args.out, instruct=True))
+    print(ship(args.run, "default", "long", ["pretrain", "long"], args.out, False, args.eval_base))
+    print(ship(args.run, "default-instruct", "sft", ["pretrain", "long", "sft"], args.out, True, args.eval_instruct))
 
 
 if __name__ == "__main__":
