@@ -51,6 +51,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     g.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="memory for the KV cache, e.g. 512M or 2G; a request that does not fit is an error "
                         "(default: what the request needs)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: faster steps after a one-time compile of seconds to a "
+                        "minute (worth it for a server or long generations; needs a C++ compiler)")
 
 
 def engine_stream(args, model, tok, ids: list[int], params):
@@ -58,7 +61,8 @@ def engine_stream(args, model, tok, ids: list[int], params):
     from codellm.engine import Engine, parse_size
 
     kv_memory = parse_size(args.kv_memory) if args.kv_memory else None
-    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + params.max_new_tokens, kv_memory=kv_memory)
+    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + params.max_new_tokens, kv_memory=kv_memory,
+                    compile=args.compile)
     return engine.stream(ids, params)
 
 

@@ -32,6 +32,15 @@ def test_complete_end_to_end(tiny_model_dir):
     assert again.stdout == out.stdout and out.stdout.strip()  # greedy: same text from argument and stdin
 
 
+@pytest.mark.slow
+def test_complete_compiled_equals_eager(tiny_model_dir):
+    """`--compile` (torch.compile'd decode steps) prints the eager path's greedy text."""
+    args = ("complete", "def add(a, b):", "--model", tiny_model_dir, "--max-new-tokens", "12")
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip()
+
+
 def test_infill_end_to_end(tiny_model_dir, tmp_path):
     out = run("infill", "--model", tiny_model_dir, "--prefix", "def f(x):\n    ", "--suffix", "\n    return y\n",
               "--max-new-tokens", "8", "--order", "spm")

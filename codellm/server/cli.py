@@ -112,7 +112,7 @@ def cmd_serve(args) -> None:
         )
     context = args.max_total_tokens or context
     kv_memory = parse_size(args.kv_memory) if args.kv_memory else None
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=context, kv_memory=kv_memory)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=context, kv_memory=kv_memory, compile=args.compile)
     sock = bind(args.host, args.port)
     limits = Limits(
         context=context,
