@@ -50,7 +50,7 @@ def greedy(n: int, **kw) -> SamplingParams:
 def reference_tokens(ref, ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
     """What `codellm complete` prints for these prompt ids (its engine path), checked against the reference
     generator too."""
-    events = list(engine_stream(SimpleNamespace(kv_memory=None), *ref, ids, params))
+    events = list(engine_stream(SimpleNamespace(kv_memory=None, compile=False), *ref, ids, params))
     tokens, text = [e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events)
     reference = list(stream_text(*ref, ids, params))
     assert tokens == [e.token_id for e in reference if e.token_id is not None]
