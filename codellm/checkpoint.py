@@ -181,6 +181,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        _umask_permissions(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,6 +213,16 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
         total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _umask_permissions(folder: Path):
+    """What a plain mkdir/open would give: mkdtemp makes the folder 0700 and safetensors writes 0600, so a
+    model saved for a server or a colleague would be unreadable to them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, out_dir: Path):

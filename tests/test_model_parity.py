@@ -1,5 +1,7 @@
 """Logits parity with transformers' LlamaForCausalLM, through our own checkpoint loader and saver."""
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,6 +63,10 @@ def test_sharded_checkpoint(tmp_path):
     ours = load_model(tmp_path / "sharded")
     save_model(ours, tmp_path / "ours_sharded", max_shard_bytes=100_000)
     assert len(list((tmp_path / "ours_sharded").glob("model-*.safetensors"))) > 1
+    umask = os.umask(0)
+    os.umask(umask)  # the saved folder and files are as readable as a plain mkdir/open makes them
+    assert (tmp_path / "ours_sharded").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ours_sharded").iterdir()} == {0o666 & ~umask}
     again = load_model(tmp_path / "ours_sharded")
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
