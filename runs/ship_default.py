@@ -134,8 +134,9 @@ def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: boo
     lines += [f"![{stage} loss]({stage}_loss.png)" for stage in stages]
     lines += ["", "## Samples", "", samples(model_dir, instruct), ""]
     if evaluation is not None:
-        summary = (evaluation / "SUMMARY.md").read_text().strip()
-        lines += ["## Evaluation", "", f"`bash runs/eval_default.sh models/{name}` (greedy pass@1):", "", summary, ""]
+        summary = (evaluation / "SUMMARY.md").read_text().strip().removeprefix("# codellm eval summary").strip()
+        lines += ["## Evaluation", "", f"`codellm eval` on models/{name}, greedy pass@1 (`runs/eval_default.sh` runs "
+                  "every task; which problems were scored is said below the table):", "", summary, ""]
     return "\n".join(lines)
 
 
@@ -149,6 +150,8 @@ def ship(run: Path, name: str, stage_dir: str, stages: list[str], out: Path, ins
     target = save_model(model, out / name, tokenizer_dir=run / stage_dir / "final", dtype="bfloat16")
     for stage in stages:
         shutil.copy2(run / stage / "loss.png", target / f"{stage}_loss.png")
+    if evaluation is not None and (evaluation / "report.png").is_file():
+        shutil.copy2(evaluation / "report.png", target / "report.png")  # the chart SUMMARY.md shows
     (target / "MODEL_CARD.md").write_text(card(run, name, stages, target, instruct, evaluation))
     return target
 
