@@ -163,6 +163,9 @@ def main():
     ap.add_argument("--eval-base", type=Path, help="runs/eval_default.sh output for the base model")
     ap.add_argument("--eval-instruct", type=Path, help="runs/eval_default.sh output for the instruct model")
     args = ap.parse_args()
+    for flag, folder in (("--eval-base", args.eval_base), ("--eval-instruct", args.eval_instruct)):
+        if folder is not None and not (folder / "SUMMARY.md").is_file():
+            ap.error(f"{flag} {folder}: no SUMMARY.md there (make it with runs/eval_default.sh)")
     print(ship(args.run, "default", "long", ["pretrain", "long"], args.out, False, args.eval_base))
     print(ship(args.run, "default-instruct", "sft", ["pretrain", "long", "sft"], args.out, True, args.eval_instruct))
 

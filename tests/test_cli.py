@@ -41,6 +41,11 @@ def test_complete_compiled_equals_eager(tiny_model_dir):
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
 
 
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tiny_model_dir):
+    out = run("complete", "x", "--model", tiny_model_dir, "--compile", env={"CXX": "/no/such/c++"})
+    assert out.returncode == 2 and "--compile needs a C++ compiler" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_infill_end_to_end(tiny_model_dir, tmp_path):
     out = run("infill", "--model", tiny_model_dir, "--prefix", "def f(x):\n    ", "--suffix", "\n    return y\n",
               "--max-new-tokens", "8", "--order", "spm")
