@@ -7,10 +7,11 @@ concurrent streams, and prefill as a fraction of the measured matmul peak. Same 
 Prints markdown tables; the numbers go into the README. Models: `bench50m` is bench/decode.py's ~50M
 Llama (Code Llama vocabulary, random weights); `default` is models/default when it exists, else the
 `default` preset with random weights (the table says which). EOS is ignored: every request runs to its
-token count. codellm decode runs eager and, unless --no-compile, through the compiled decode step
-(`Engine(compile=True)`; the table gives the seconds its first calls took, compiling included, and the
-ratios and the streams table use it). Decode tok/s excludes the prompt: codellm and llama.cpp time the
-decode steps, transformers (t(N new tokens) - t(1)) / (N - 1). The bandwidth floor is copy bandwidth /
+token count. codellm decode runs eager and, unless --no-compile, with `Engine(compile=True)`: on a CPU
+the native decode step (engine/native.py; the table gives the seconds its first calls took, a build
+included when the library was not cached, and the ratios and the streams table use it). Decode tok/s
+excludes the prompt: codellm and llama.cpp time the decode steps, transformers (t(N new tokens) - t(1)) /
+(N - 1). The bandwidth floor is copy bandwidth /
 bytes read per token.
 
 llama.cpp is measured when `llama_cpp` (llama-cpp-python) imports and its converter script is found
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from decode import BENCH_CONFIG, copy_bandwidth, decode_bytes
 
 from codellm.checkpoint import load_model, save_model
@@ -120,11 +122,13 @@ def prefill_flops(model: Transformer, n_tokens: int) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """FLOP/s of the op the model's layers run, F.linear (x @ W^T), at n x n x n. (torch.mm in bf16 takes a
+    naive path on CPUs without BF16 units, ~0.3 GFLOP/s here; F.linear goes through oneDNN.)"""
+    x, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        F.linear(x, w)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -240,9 +244,10 @@ def main():
 
 def print_tables(args, decode_rows, stream_rows, prefill_rows, streams, skip):
     print(f"\nbatch-1 decode tok/s (prompt {args.prompt_tokens}, {args.new_tokens} new tokens)\n")
-    print("codellm: the engine eager, and compiled (its first calls' seconds, compiling included); the ratios "
-          "use the compiled engine" + (" (--no-compile: the eager one)\n" if not args.compile else "\n"))
-    print("| model | dtype | codellm eager | codellm compiled | transformers | llama.cpp | codellm / transformers "
+    print("codellm: the engine eager, and with --compile (on a CPU the native decode step; its first calls' "
+          "seconds, a build included if not cached); the ratios use --compile"
+          + (" (--no-compile: the eager engine)\n" if not args.compile else "\n"))
+    print("| model | dtype | codellm eager | codellm --compile | transformers | llama.cpp | codellm / transformers "
           "| codellm / llama.cpp | bandwidth floor | codellm / floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for what, dtype, eager, compiled, compile_s, hf, lcpp, floor in decode_rows:
@@ -251,7 +256,7 @@ def print_tables(args, decode_rows, stream_rows, prefill_rows, streams, skip):
         lc, ratio = ("skipped", "-") if lcpp is None else (f"{lcpp:.1f}", f"{ours / lcpp:.2f}x")
         print(f"| {what} | {dtype} | {eager:.1f} | {comp} | {hf:.1f} | {lc} | {ours / hf:.2f}x | {ratio} "
               f"| {floor:.1f} | {ours / floor:.0%} |")
-    print("\naggregate decode tok/s by concurrent streams" + (" (compiled engine)" if args.compile else "") + "\n")
+    print("\naggregate decode tok/s by concurrent streams" + (" (--compile)" if args.compile else "") + "\n")
     print("| model | dtype | " + " | ".join(f"{n} streams" for n in streams) + f" | {streams[-1]} / 1 |")
     print("|---|---|" + "---|" * (len(streams) + 1))
     for what, dtype, speeds in stream_rows:

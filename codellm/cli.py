@@ -52,8 +52,8 @@ def add_engine_options(p: argparse.ArgumentParser):
                    help="memory for the KV cache, e.g. 512M or 2G; a request that does not fit is an error "
                         "(default: what the request needs)")
     g.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: faster steps after a one-time compile of seconds to a "
-                        "minute (worth it for a server or long generations; needs a C++ compiler)")
+                   help="fast decoding: on a CPU a native decode step, built once in seconds into "
+                        "~/.cache/codellm (needs a C++ compiler); on a GPU torch.compile")
 
 
 def engine_stream(args, model, tok, ids: list[int], params):

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny model directory (random weights + a small SentencePiece tokenizer) in the
 Hugging Face layout, built once per session, like a real Code Llama download but seconds to make."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -11,6 +14,10 @@ from codellm.tokenizer import load_tokenizer
 from tests.tokenizer_fixtures import make_bpe_dir, make_sentencepiece_dir
 
 torch.set_num_threads(2)
+
+# `--compile` / Engine(compile=True) builds the native decode step with the machine's C++ compiler
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="no C++ compiler ($CXX or g++) to build the native decode step")
 
 
 def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Transformer:

@@ -300,7 +300,7 @@ def test_cli_kv_memory_too_small_is_a_user_error(tiny_model_dir, capsys):
 
 
 def test_decode_step_equals_the_model_forward(model):
-    """The pure decode function (what Engine(compile=True) compiles), run eagerly: rows at different
+    """The pure decode function (what Engine(compile=True) compiles off the CPU), run eagerly: rows at different
     positions, over the slot storage, give the model's logits and store the same keys/values."""
     prompts = [random_prompt(n, 500 + n) for n in (9, 30, 17)]
     cache = SlotKVCache(model.cfg, n_slots=4, max_len=64)
@@ -318,13 +318,15 @@ def test_decode_step_equals_the_model_forward(model):
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager_greedy(model):
-    """The compiled decode step (engine/decode.py) gives the eager path's tokens; one compile (~20 s):
-    every request decodes in the same steps, so only the several-rows graph is built."""
+def test_torch_compiled_decode_equals_eager_greedy(model):
+    """The torch.compile'd decode step (what Engine(compile=True) runs off the CPU; on a CPU it runs the
+    native step, tests/test_engine_native.py) gives the eager path's tokens; one compile (~20 s): every
+    request decodes in the same steps, so only the several-rows graph is built."""
     prompts = [random_prompt(n, 400 + n) for n in (5, 30, 12, 61)]
     params = SamplingParams(max_new_tokens=20)
     eager = [c.token_ids for c in Engine(model, max_batch=4, token_budget=256).generate(prompts, params)]
-    compiled = Engine(model, max_batch=4, token_budget=256, compile=True)
+    compiled = Engine(model, max_batch=4, token_budget=256)
+    compiled.decoder = DecodeStep(model, compiled.cache, compile=True)
     assert [c.token_ids for c in compiled.generate(prompts, params)] == eager
     assert eager == [reference(model, p, params) for p in prompts]
     assert compiled.decoder.compile_seconds > 0 and compiled.cache.n_free == 4

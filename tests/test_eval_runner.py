@@ -16,6 +16,7 @@ from codellm.eval.generators import truncate
 from codellm.eval.passk import pass_at_k, pass_at_ks
 from codellm.eval.tasks import HumanEval, Infilling
 from codellm.sandbox import Limits, Sandbox
+from tests.conftest import needs_cxx
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data {DATA} is not beside the checkout")
@@ -282,6 +283,17 @@ def test_local_model_end_to_end(tiny_model_dir, tmp_path):
     assert cli(*args)[0] == 0 and read_jsonl(tmp_path / "samples.jsonl") == samples  # resumed: nothing new
     code, _, err = cli(*args, "--temperature", "0.8")
     assert code == 2 and "other settings (temperature)" in err
+
+
+@needs_cxx
+def test_local_model_compiled_gives_the_same_samples(tiny_model_dir, tmp_path):
+    """`eval --compile` runs the local engine's native decode step: greedy samples as without it."""
+    args = ["eval", "humaneval", "--model", tiny_model_dir, "--limit", 3, "--max-new-tokens", 8]
+    assert cli(*args, "--out", tmp_path / "eager")[0] == 0
+    code, _, err = cli(*args, "--out", tmp_path / "compiled", "--compile")
+    assert code == 0, err
+    eager, compiled = (read_jsonl(tmp_path / d / "samples.jsonl") for d in ("eager", "compiled"))
+    assert [s["completion"] for s in compiled] == [s["completion"] for s in eager]
 
 
 def test_local_generation_is_one_continuous_batch(sp, monkeypatch):

@@ -22,17 +22,19 @@ next step drains. Everything else belongs to the one thread that steps the engin
 is that thread for a server. Without a tokenizer the engine runs on ids alone (benchmarks): no text,
 EOS from the model config.
 
-Measured decisions (2-core AVX-512 Xeon without BF16/AMX, 1 thread, shared with a training run):
+Measured decisions (2-core CPUs without BF16/AMX units):
 - prompt chunks run as their own forwards instead of being packed with the decode rows into one flat
   batch: a chunk is compute-bound, so its extra read of the weights costs a few per cent of it, and
   packing would need a variable-length attention seam in the model;
-- an eager decode step costs what the reference generator's loop costs, a good part of it per-op
-  overhead; `Engine(compile=True)` runs decode steps through `decode.decode_step` under torch.compile:
-  batch-1 decode of models/default went from 190 to 239 tok/s (1 thread; the first calls compiled for
-  23 s), so it is opt-in (bench/engine.py uses it) and the eager path stays the default;
-- bf16 weights do not pay on such a CPU: a bf16 GEMV moves 4.7 GB/s of weights against 10.8 in fp32
-  (the same time per matrix) and a bf16 GEMM runs at 15 against 55 GFLOP/s. The engine runs in the
-  model's dtype: fp32 on CPUs like this one, bf16 where there are AMX/BF16 units or a GPU.
+- an eager decode step costs what the reference generator's loop costs, most of it per-op overhead
+  (~100 ops, each a dispatch and a thread fork-join) around MKL's fp32 GEMV, which runs on one thread;
+  `Engine(compile=True)` decodes through `native.NativeDecodeStep` on a CPU: the whole step as one C++
+  call, built at first use (~4 s, cached). Batch-1 decode of models/default (2 threads, AMD EPYC AVX2):
+  eager ~190 tok/s, torch.compile'd `decode.decode_step` ~195, native ~650 fp32 and ~1,200 bf16
+  (bench/engine.py has the table). Off the CPU, compile=True runs `decode_step` under torch.compile;
+- bf16 weights pay on the native path only (it widens them in registers: half the bytes of fp32 for
+  the same work); through PyTorch a bf16 GEMM ran at a fraction of fp32's speed on AVX2 CPUs without
+  BF16 units, so the eager engine is fastest in fp32 there. The engine runs in the model's dtype.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from codellm.engine.decode import DecodeStep
+from codellm.engine.decode import fast_decode_step
 from codellm.engine.kv_cache import SlotKVCache
 from codellm.engine.sampler import sample_rows, token_logprobs
 from codellm.engine.scheduler import Request, Scheduler
@@ -74,8 +76,8 @@ class Engine:
                  kv_memory: int | None = None, token_budget: int = 512, compile: bool = False):
         """max_len: tokens per slot (default and cap: the model's context); kv_memory: bytes for the KV
         cache, as many slots as fit (default: max_batch slots); token_budget: tokens per step, decodes
-        first, prompt chunks in the rest; compile: run decode steps through `torch.compile` (the first
-        step with one row and the first with several compile for seconds; see `decode.py`)."""
+        first, prompt chunks in the rest; compile: decode with the native step on a CPU (built at first
+        use, seconds; `native.py`), or through `torch.compile` elsewhere (`decode.py`)."""
         cfg, weight = model.cfg, next(model.parameters())
         max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         if kv_memory is None:
@@ -88,7 +90,7 @@ class Engine:
         # model.forward through a SlotView (fewer, fused kernels: SDPA; 10% faster than eager decode_step)
         if compile and not isinstance(model, Transformer):
             raise TypeError(f"compile=True needs a codellm Transformer (got {type(model).__name__})")
-        self.decoder = DecodeStep(model, self.cache, compile=True) if compile else None
+        self.decoder = fast_decode_step(model, self.cache) if compile else None
         self.model, self.device = model, weight.device
         self.tok = tokenizer if tokenizer is not None else _IdsOnly(cfg.eos_id)
         self.scheduler = Scheduler(self.cache, max_batch, token_budget)
@@ -141,7 +143,7 @@ class Engine:
                 batch.append(req)
                 logits.append(last)
         if batch:
-            rows = torch.cat(logits)
+            rows = logits[0] if len(logits) == 1 else torch.cat(logits)  # a cat copies: 2% of a 16-row step
             tokens = sample_rows(rows, batch)
             for req, token, lp in zip(batch, tokens, token_logprobs(rows, batch, tokens), strict=True):
                 events += self._advance(req, token, lp)

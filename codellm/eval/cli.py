@@ -72,6 +72,8 @@ def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--n", type=int, default=1, help="samples per problem (default 1: greedy pass@1)")
     g.add_argument("--batch-size", type=int, default=16, help="requests the local engine runs together")
+    g.add_argument("--compile", action="store_true",
+                   help="the local engine's fast decode step (native on a CPU; needs a C++ compiler)")
     g.add_argument("--limit", type=int, default=None, help="only the first N problems")
     g.add_argument("--out", type=Path, default=None, help="run directory (default runs/eval/<task>); resumes")
     r = p.add_argument_group("remote server (instead of --model)")
@@ -119,7 +121,8 @@ def make_generator(args):
     from codellm.cli import default_model_path, load
 
     model, tok = load(args)
-    return LocalGenerator(model, tok, batch_size=args.batch_size, name=str(args.model or default_model_path()))
+    return LocalGenerator(model, tok, batch_size=args.batch_size, name=str(args.model or default_model_path()),
+                          compile=args.compile)
 
 
 def cmd_run(args) -> None:

@@ -89,8 +89,8 @@ class _Gather:
 
 
 class LocalGenerator(_Streaming):
-    def __init__(self, model, tok, batch_size: int = 16, name: str = "local"):
-        self.model, self.tok, self.batch_size, self.name = model, tok, batch_size, name
+    def __init__(self, model, tok, batch_size: int = 16, name: str = "local", compile: bool = False):
+        self.model, self.tok, self.batch_size, self.name, self.compile = model, tok, batch_size, name, compile
         self.truncated_prompts = 0
 
     def describe(self) -> dict:
@@ -143,7 +143,8 @@ class LocalGenerator(_Streaming):
             return
         ctx = self.model.cfg.max_seq_len
         max_len = min(ctx, max(len(x) + p.max_new_tokens for x, p in zip(ids, params, strict=True)))
-        engine = Engine(self.model, self.tok, max_batch=min(self.batch_size, len(ids)), max_len=max_len)
+        engine = Engine(self.model, self.tok, max_batch=min(self.batch_size, len(ids)), max_len=max_len,
+                        compile=self.compile)
         job = {engine.submit(x, p): k for k, (x, p) in enumerate(zip(ids, params, strict=True))}
         texts: dict[int, list[str]] = {}
         for event in engine.run():

@@ -1,0 +1,151 @@
+"""The CPU decode step as native code: `native_decode.cpp`, built at first use and called through ctypes.
+
+    step = NativeDecodeStep(model, cache)        # builds (~5 s, once per machine) or loads the library
+    logits = step(tokens, positions)             # rows 0..B-1 of the slot cache -> (B, vocab) fp32
+
+Why: a decode step of a small model on a CPU is dominated by what surrounds the matmuls. Eager PyTorch
+runs ~100 ops a step, each with its dispatch and (with 2 threads) an OpenMP fork-join; torch.compile
+cut that but kept MKL's fp32 GEMV, which ran single-threaded at ~9 GB/s here (bf16 goes through oneDNN).
+The native step is one call: its matmuls split the weight rows between the threads and read each
+weight once for all batch rows, and bf16 weights are widened in registers, so bf16 halves the bytes a
+step reads. Measured numbers are in bench/engine.py's table and the README.
+
+The library is compiled with the machine's C++ compiler ($CXX, else g++) for this CPU (-march=native)
+into $XDG_CACHE_HOME/codellm (else ~/.cache/codellm), named by a hash of the source, the flags, the
+compiler and the CPU, so a home shared by different machines never loads code for another CPU. The
+build goes to a temporary file that is renamed into place, so concurrent first uses are safe.
+Activations are fp32 whatever the weights' dtype: greedy tokens equal the fp32 reference; with bf16
+weights they are at least as precise as the reference's bf16 activations (and may differ from them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from codellm.engine.kv_cache import SlotKVCache
+from codellm.errors import UserError
+from codellm.model import Transformer, rope_cos_sin
+
+SOURCE = Path(__file__).with_name("native_decode.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_library: ctypes.CDLL | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codellm"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build_library() -> Path:
+    """The compiled library for this source, compiler and CPU: from the cache, or compiled now."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise UserError(f"--compile needs a C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"native_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"--compile: building the native decode step with {compiler} failed:\n"
+                            + done.stderr.strip()[-2000:])
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL:
+    global _library
+    if _library is None:
+        lib = ctypes.CDLL(str(build_library()))
+        lib.codellm_decoder_new.restype = ctypes.c_void_p
+        lib.codellm_decoder_new.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32] + [ctypes.c_void_p] * 8
+        lib.codellm_decoder_step.restype = None
+        lib.codellm_decoder_step.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_int32]
+        lib.codellm_decoder_free.argtypes = [ctypes.c_void_p]
+        _library = lib
+    return _library
+
+
+class NativeDecodeStep:
+    """`DecodeStep`'s interface over the native step: logits for rows 0..B-1, their KV written."""
+
+    def __init__(self, model: Transformer, cache: SlotKVCache):
+        cfg = model.cfg
+        model.fuse_projections()
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.bfloat16) or cache.store_k.device.type != "cpu":
+            raise UserError(f"the native decode step runs fp32 or bf16 models on the CPU (got {dtype} on "
+                            f"{cache.store_k.device.type})")
+        t0 = time.perf_counter()
+        self.lib = library()
+        self.compile_seconds = time.perf_counter() - t0  # the build, or loading the cached library
+        cos, sin = rope_cos_sin(cfg, torch.arange(cache.max_len)[None], torch.float32)  # the model's own tables
+        half = cfg.head_dim // 2
+        # tensors whose memory the native side reads; kept here so they live as long as the decoder
+        self._keep = [cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous()]
+        per_layer = []
+        for block in model.layers:
+            for w in (block.self_attn.qkv_weight, block.self_attn.o_proj.weight, block.mlp.gate_up_weight,
+                      block.mlp.down_proj.weight, block.input_layernorm.weight, block.post_attention_layernorm.weight):
+                per_layer.append(self._pointer(w, dtype))
+        shape = (ctypes.c_int32 * 9)(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                     cfg.hidden_dim, cfg.vocab_size, cache.n_slots, cache.max_len)
+        layers = (ctypes.c_void_p * len(per_layer))(*per_layer)
+        self._handle = self.lib.codellm_decoder_new(
+            shape, cfg.norm_eps, dtype == torch.bfloat16, self._pointer(model.embed_tokens.weight, dtype), layers,
+            self._pointer(model.norm.weight, dtype), self._pointer(model.lm_head.weight, dtype),
+            self._pointer(cache.store_k, dtype), self._pointer(cache.store_v, dtype),
+            self._keep[0].data_ptr(), self._keep[1].data_ptr())
+        self.cache, self.vocab = cache, cfg.vocab_size
+
+    def _pointer(self, t: torch.Tensor, dtype: torch.dtype) -> int:
+        if t.dtype != dtype or not t.is_contiguous():
+            raise UserError(f"the native decode step needs contiguous {dtype} tensors (got {t.dtype}, "
+                            f"contiguous={t.is_contiguous()})")
+        return t.data_ptr()
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        B = len(tokens)
+        # the native side indexes raw memory with these: out-of-range values must never reach it
+        if not 0 < B <= self.cache.n_slots or len(positions) != B:
+            raise ValueError(f"{B} tokens and {len(positions)} positions for {self.cache.n_slots} slots")
+        if min(positions) < 0 or max(positions) >= self.cache.max_len or min(tokens) < 0 or max(tokens) >= self.vocab:
+            raise ValueError(f"positions must lie in [0, {self.cache.max_len}) and tokens in [0, {self.vocab})")
+        tok = torch.tensor(tokens, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        logits = torch.empty(B, self.vocab)
+        self.lib.codellm_decoder_step(self._handle, B, tok.data_ptr(), pos.data_ptr(), logits.data_ptr(),
+                                      torch.get_num_threads())
+        return logits
+
+    def __del__(self):
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self.lib.codellm_decoder_free(handle)
