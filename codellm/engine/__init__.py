@@ -5,6 +5,8 @@
     sampler.py    per-row sampling through generate.sample_next with per-request generators
     engine.py     Engine: submit / cancel / step / run / stream / generate, EngineEvent, Completion
     runner.py     EngineRunner: the engine loop in a thread, per-request streams for threads and asyncio
+    decode.py     the decode step as a pure function (eager, or torch.compile'd off the CPU)
+    native.py     the CPU decode step as one call into native_decode.cpp (built at first use)
 """
 
 from codellm.engine.engine import Completion, Engine, EngineEvent

@@ -9,9 +9,9 @@ into the slots with one index_put each. Attention is two batched matmuls and a s
 scores and the new one; the query heads of a KV group are one matrix (GQA without repeating K/V).
 
 On a CPU, `Engine(compile=True)` runs `native.NativeDecodeStep` instead (the same step as one C++ call,
-2-4x faster than this function compiled; see native.py); `fast_decode_step` picks. Elsewhere (a GPU),
-`DecodeStep(model, cache, compile=True)` compiles this function with dynamic shapes: the number of rows and the
-number of keys are symbols, so a running engine does not recompile as requests come and go. Inductor
+3x faster than this function compiled at batch 1; see native.py); `fast_decode_step` picks. Elsewhere
+(a GPU), `DecodeStep(model, cache, compile=True)` compiles this function with dynamic shapes: the number of
+rows and the number of keys are symbols, so a running engine does not recompile as requests come and go. Inductor
 still makes one graph for a single row and one for several (size 1 is special to it), each compiled on
 first use; `compile_seconds` records what that cost. Greedy tokens equal the eager path's (a test).
 
