@@ -126,3 +126,17 @@ def test_out_of_range_rows_never_reach_native_code():
     for tokens, positions in [([1], [16]), ([1], [-1]), ([512], [0]), ([1, 2, 3], [0, 0, 0]), ([1], [0, 1])]:
         with pytest.raises(ValueError):
             step(tokens, positions)
+
+
+@needs_cxx
+def test_an_unwritable_or_shared_cache_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch):
+    shared = tmp_path / "cache" / "codellm"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # others could plant a library here: never load from it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # re-read TMPDIR
+    built = native.build_library()
+    assert built.parent == tmp_path / "tmp" / f"codellm-{os.getuid()}" and os.listdir(shared) == []
+    assert built.parent.stat().st_mode & 0o777 == 0o700

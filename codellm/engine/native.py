@@ -12,8 +12,10 @@ step reads. Measured numbers are in bench/engine.py's table and the README.
 
 The library is compiled with the machine's C++ compiler ($CXX, else g++) for this CPU (-march=native)
 into $XDG_CACHE_HOME/codellm (else ~/.cache/codellm), named by a hash of the source, the flags, the
-compiler and the CPU, so a home shared by different machines never loads code for another CPU. The
-build goes to a temporary file that is renamed into place, so concurrent first uses are safe.
+compiler and the CPU, so a home shared by different machines never loads code for another CPU. Code is
+only loaded from a folder that is ours and writable by no one else; where the cache is not, a private
+folder in the temp dir is used. The build goes to a temporary file that is renamed into place, so
+concurrent first uses are safe.
 Activations are fp32 whatever the weights' dtype: greedy tokens equal the fp32 reference; with bf16
 weights they are at least as precise as the reference's bf16 activations (and may differ from them).
 """
@@ -53,6 +55,12 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
+def _private(folder: Path) -> bool:
+    """Code is loaded from here: the folder must be ours and writable by no one else."""
+    st = folder.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def build_library() -> Path:
     """The compiled library for this source, compiler and CPU: from the cache, or compiled now."""
     compiler = os.environ.get("CXX", "g++")
@@ -61,12 +69,22 @@ def build_library() -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"native_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    name = f"native_decode-{key}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"codellm-{os.getuid()}"):
+        try:  # an unwritable cache (a read-only home) falls back to the temp dir
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(folder):
+                continue
+            if (folder / name).exists():
+                return folder / name
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            break
+        except OSError:
+            continue
+    else:
+        raise UserError(f"--compile: cannot write the native decode step to {cache_dir()} or the temp dir")
     os.close(fd)
+    target = folder / name
     try:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
