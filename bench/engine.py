@@ -104,8 +104,9 @@ def engine_decode(model: Transformer, streams: int, prompt_tokens: int, new_toke
     return tokens / seconds, compile_s
 
 
-def engine_prefill(model: Transformer, n_tokens: int, chunk: int) -> float:
-    engine = Engine(model, max_batch=1, max_len=n_tokens + 1, token_budget=chunk)
+def engine_prefill(model: Transformer, n_tokens: int, chunk: int, compile: bool = False) -> float:
+    """Prompt tok/s of one request (with `compile`, bf16 prompts on CPUs without bf16 units go native)."""
+    engine = Engine(model, max_batch=1, max_len=n_tokens + 1, token_budget=chunk, compile=compile)
     engine.generate([random_prompt(64, model.cfg.vocab_size, 1)], SamplingParams(max_new_tokens=1))  # warm-up
     prompt = random_prompt(n_tokens, model.cfg.vocab_size, 2)
     t0 = time.perf_counter()
@@ -212,7 +213,7 @@ def main():
     dtypes, streams = args.dtypes.split(","), [int(s) for s in args.streams.split(",")]
     skip = llama_cpp_skip_reason(args.convert_script)
     bandwidth = copy_bandwidth()
-    peaks = {d: matmul_peak(getattr(torch, d)) for d in dtypes}
+    peaks = {d: matmul_peak(getattr(torch, d)) for d in dict.fromkeys([*dtypes, "float32"])}
     print(f"\n{args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s, matmul peak "
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
     if skip:
@@ -236,8 +237,9 @@ def main():
                               for n in streams]
                     stream_rows.append((what, dtype, speeds))
                 n = min(args.prefill_tokens, model.cfg.max_seq_len - 1)
-                speed = engine_prefill(model, n, args.prefill_chunk)
-                prefill_rows.append((what, dtype, n, speed, speed * prefill_flops(model, n) / n / peaks[dtype]))
+                speed = engine_prefill(model, n, args.prefill_chunk, args.compile)
+                flops = speed * prefill_flops(model, n) / n
+                prefill_rows.append((what, dtype, n, speed, flops / peaks[dtype], flops / peaks["float32"]))
                 del model
     print_tables(args, decode_rows, stream_rows, prefill_rows, streams, skip)
 
@@ -261,11 +263,12 @@ def print_tables(args, decode_rows, stream_rows, prefill_rows, streams, skip):
     print("|---|---|" + "---|" * (len(streams) + 1))
     for what, dtype, speeds in stream_rows:
         print(f"| {what} | {dtype} | " + " | ".join(f"{s:.1f}" for s in speeds) + f" | {speeds[-1] / speeds[0]:.1f}x |")
-    print(f"\nprefill (engine token budget {args.prefill_chunk} per step)\n")
-    print("| model | dtype | prompt tokens | tok/s | fraction of the dtype's matmul peak |")
-    print("|---|---|---|---|---|")
-    for what, dtype, n, speed, fraction in prefill_rows:
-        print(f"| {what} | {dtype} | {n} | {speed:.0f} | {fraction:.0%} |")
+    print(f"\nprefill (engine token budget {args.prefill_chunk} per step"
+          + (", --compile" if args.compile else "") + ")\n")
+    print("| model | dtype | prompt tokens | tok/s | fraction of the dtype's matmul peak | of the fp32 peak |")
+    print("|---|---|---|---|---|---|")
+    for what, dtype, n, speed, fraction, of_fp32 in prefill_rows:
+        print(f"| {what} | {dtype} | {n} | {speed:.0f} | {fraction:.0%} | {of_fp32:.0%} |")
     if skip:
         print(f"\nllama.cpp skipped: {skip}")
 

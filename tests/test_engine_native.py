@@ -140,3 +140,36 @@ def test_an_unwritable_or_shared_cache_falls_back_to_a_private_temp_dir(tmp_path
     built = native.build_library()
     assert built.parent == tmp_path / "tmp" / f"codellm-{os.getuid()}" and os.listdir(shared) == []
     assert built.parent.stat().st_mode & 0o777 == 0o700
+
+
+@needs_cxx
+def test_native_prefill_chunks_equal_the_model_forward():
+    """Rows of one slot at consecutive positions are a causal chunk: two chunks give the whole prompt's
+    last logits and the keys/values the model's own prefill stores."""
+    model = tiny_model(512).fuse_projections()
+    prompt = prompts_for(512)[1]  # 30 tokens
+    want_cache = filled_cache(model, [[1], prompt])  # the prompt in slot 1
+    with torch.inference_mode():
+        want = model(torch.tensor([prompt]), torch.arange(30)[None])[:, -1]
+        cache = SlotKVCache(model.cfg, n_slots=4, max_len=64)
+        step = NativeDecodeStep(model, cache)
+        first = step(prompt[:12], range(12), [1] * 12, logits_for=[11])
+        got = step(prompt[12:], range(12, 30), [1] * 18, logits_for=[17])
+    assert first.shape == got.shape == (1, 512)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((cache.k[:, 1, :, :, :30], cache.v[:, 1, :, :, :30]),
+                               (want_cache.k[:, 1, :, :, :30], want_cache.v[:, 1, :, :, :30]), atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_bf16_engine_prefills_natively_and_chunking_does_not_matter():
+    model = tiny_model(512).to(torch.bfloat16)
+    prompts = [[1] + torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 7)]
+    params = SamplingParams(max_new_tokens=10)
+    runs = []
+    for budget in (8, 256):  # 8: prompts prefilled in chunks of at most 8 tokens, next to decoding rows
+        engine = Engine(model, max_batch=2, token_budget=budget, compile=True)
+        if not native._has_bf16_units():
+            assert engine.decoder.prefills
+        runs.append([c.token_ids for c in engine.generate(prompts, params)])
+    assert runs[0] == runs[1]

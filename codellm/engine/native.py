@@ -1,14 +1,18 @@
 """The CPU decode step as native code: `native_decode.cpp`, built at first use and called through ctypes.
 
-    step = NativeDecodeStep(model, cache)        # builds (~5 s, once per machine) or loads the library
+    step = NativeDecodeStep(model, cache)        # builds (~4 s, once per machine) or loads the library
     logits = step(tokens, positions)             # rows 0..B-1 of the slot cache -> (B, vocab) fp32
+    last = step(chunk, range(p, p + n), [slot] * n, logits_for=[n - 1])  # a prompt chunk -> (1, vocab)
 
 Why: a decode step of a small model on a CPU is dominated by what surrounds the matmuls. Eager PyTorch
 runs ~100 ops a step, each with its dispatch and (with 2 threads) an OpenMP fork-join; torch.compile
 cut that but kept MKL's fp32 GEMV, which ran single-threaded at ~9 GB/s here (bf16 goes through oneDNN).
 The native step is one call: its matmuls split the weight rows between the threads and read each
 weight once for all batch rows, and bf16 weights are widened in registers, so bf16 halves the bytes a
-step reads. Measured numbers are in bench/engine.py's table and the README.
+step reads. The same call prefills: rows of one slot at consecutive positions are a causal chunk (every
+row's key is stored before any row attends), which the engine uses for bf16 prompts on CPUs without
+bf16 units (`prefills`), where PyTorch's bf16 matmuls are slow. Measured numbers are in bench/engine.py's
+table and the README.
 
 The library is compiled with the machine's C++ compiler ($CXX, else g++) for this CPU (-march=native)
 into $XDG_CACHE_HOME/codellm (else ~/.cache/codellm), named by a hash of the source, the flags, the
@@ -53,6 +57,10 @@ def _cpu_fingerprint() -> str:
         return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))[:4096]
     except OSError:
         return platform.processor() or platform.machine()
+
+
+def _has_bf16_units() -> bool:
+    return any(flag in _cpu_fingerprint().split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def _private(folder: Path) -> bool:
@@ -105,7 +113,8 @@ def library() -> ctypes.CDLL:
         lib.codellm_decoder_new.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32] + [ctypes.c_void_p] * 8
         lib.codellm_decoder_step.restype = None
         lib.codellm_decoder_step.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                             ctypes.c_void_p, ctypes.c_int32]
+                                             ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_int32]
         lib.codellm_decoder_free.argtypes = [ctypes.c_void_p]
         _library = lib
     return _library
@@ -142,6 +151,9 @@ class NativeDecodeStep:
             self._pointer(cache.store_k, dtype), self._pointer(cache.store_v, dtype),
             self._keep[0].data_ptr(), self._keep[1].data_ptr())
         self.cache, self.vocab = cache, cfg.vocab_size
+        # prompt chunks too where PyTorch's matmuls are slower than ours: bf16 on a CPU without bf16 units
+        # (oneDNN ran a bf16 GEMM at 18 GFLOP/s here, ours at ~75; MKL's fp32 GEMM beats ours)
+        self.prefills = dtype == torch.bfloat16 and not _has_bf16_units()
 
     def _pointer(self, t: torch.Tensor, dtype: torch.dtype) -> int:
         if t.dtype != dtype or not t.is_contiguous():
@@ -149,18 +161,29 @@ class NativeDecodeStep:
                             f"contiguous={t.is_contiguous()})")
         return t.data_ptr()
 
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
+                 logits_for: list[int] | None = None) -> torch.Tensor:
+        """Rows of (token, position, slot) -> logits (len(logits_for), vocab) fp32, the rows' KV written.
+
+        Decode: one row per slot, slots default to rows 0..B-1. Prefill: rows of one slot at consecutive
+        positions (every row's key is stored before any row attends, so the chunk is causal); ask for the
+        last row's logits only. logits_for defaults to every row."""
         B = len(tokens)
+        slots = list(range(B)) if slots is None else slots
+        logits_for = list(range(B)) if logits_for is None else logits_for
         # the native side indexes raw memory with these: out-of-range values must never reach it
-        if not 0 < B <= self.cache.n_slots or len(positions) != B:
-            raise ValueError(f"{B} tokens and {len(positions)} positions for {self.cache.n_slots} slots")
+        if not B or len(positions) != B or len(slots) != B:
+            raise ValueError(f"{B} tokens, {len(positions)} positions and {len(slots)} slots: give one of each per row")
         if min(positions) < 0 or max(positions) >= self.cache.max_len or min(tokens) < 0 or max(tokens) >= self.vocab:
             raise ValueError(f"positions must lie in [0, {self.cache.max_len}) and tokens in [0, {self.vocab})")
-        tok = torch.tensor(tokens, dtype=torch.int64)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        logits = torch.empty(B, self.vocab)
-        self.lib.codellm_decoder_step(self._handle, B, tok.data_ptr(), pos.data_ptr(), logits.data_ptr(),
-                                      torch.get_num_threads())
+        if min(slots) < 0 or max(slots) >= self.cache.n_slots or len(set(zip(slots, positions, strict=True))) != B:
+            raise ValueError(f"slots must lie in [0, {self.cache.n_slots}), each (slot, position) once")
+        if logits_for and (min(logits_for) < 0 or max(logits_for) >= B):
+            raise ValueError(f"logits_for must index the {B} rows")
+        tok, pos, slot, out = (torch.tensor(v, dtype=torch.int64) for v in (tokens, positions, slots, logits_for))
+        logits = torch.empty(len(logits_for), self.vocab)
+        self.lib.codellm_decoder_step(self._handle, B, tok.data_ptr(), pos.data_ptr(), slot.data_ptr(),
+                                      len(logits_for), out.data_ptr(), logits.data_ptr(), torch.get_num_threads())
         return logits
 
     def __del__(self):

@@ -1,4 +1,5 @@
-// The decode step of a Llama model in one C call: a token for each of the slot rows [0, B).
+// The decode step of a Llama model in one C call: a token at its own (slot, position) per row; rows of
+// one slot at consecutive positions make a prompt chunk, so the same call also prefills.
 //
 // Built at first use by codellm/engine/native.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes with raw pointers: one call per step instead of ~100 PyTorch ops, each with its dispatch and
@@ -159,7 +160,8 @@ struct Model {
 };
 
 template <typename T>
-void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions, float* logits, int threads) {
+void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions, const int64_t* slots, int n_out,
+          const int64_t* out_rows, float* logits, int threads) {
   const int D = m.dim, H = m.heads, KV = m.kv_heads, hd = m.head_dim, half = hd / 2, G = H / KV;
   const int QKV = (H + 2 * KV) * hd;
   const size_t plane = size_t(m.max_len) * hd;  // one (position, head_dim) plane of a kv head
@@ -187,7 +189,7 @@ void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions
         }
       }
       for (int g = 0; g < KV; g++) {  // the new key and value into the slot, at the row's position
-        size_t at = ((size_t(b) * m.layers + l) * KV + g) * plane + size_t(positions[b]) * hd;
+        size_t at = ((size_t(slots[b]) * m.layers + l) * KV + g) * plane + size_t(positions[b]) * hd;
         const float* kn = qkv.data() + size_t(b) * QKV + size_t(H + g) * hd;
         const float* vn = qkv.data() + size_t(b) * QKV + size_t(H + KV + g) * hd;
         for (int i = 0; i < hd; i++) {
@@ -199,7 +201,7 @@ void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int task = 0; task < B * KV; task++) {  // one (row, kv head): its G query heads over positions 0..pos
       const int b = task / KV, g = task % KV, n = int(positions[b]) + 1;
-      const size_t base = ((size_t(b) * m.layers + l) * KV + g) * plane;
+      const size_t base = ((size_t(slots[b]) * m.layers + l) * KV + g) * plane;
       const float* q = qkv.data() + size_t(b) * QKV + size_t(g) * G * hd;
       float* out = att.data() + size_t(b) * H * hd + size_t(g) * G * hd;
       std::vector<float> score(size_t(G) * n);
@@ -229,8 +231,9 @@ void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions
     matmul(act.data(), B, m.hidden, static_cast<const T*>(m.down[l]), D, tmp.data(), threads);
     for (size_t i = 0; i < x.size(); i++) x[i] += tmp[i];
   }
-  rms_norm(x.data(), B, D, static_cast<const T*>(m.norm_final), m.eps, xn.data());
-  matmul(xn.data(), B, D, static_cast<const T*>(m.lm_head), m.vocab, logits, threads);
+  for (int r = 0; r < n_out; r++)  // the head only for the rows that want logits (a chunk's last token)
+    rms_norm(x.data() + size_t(out_rows[r]) * D, 1, D, static_cast<const T*>(m.norm_final), m.eps, xn.data() + size_t(r) * D);
+  matmul(xn.data(), n_out, D, static_cast<const T*>(m.lm_head), m.vocab, logits, threads);
 }
 
 struct Decoder {
@@ -262,13 +265,16 @@ void* codellm_decoder_new(const int32_t* shape, float eps, int32_t bf16_weights,
   return d;
 }
 
+// rows tokens at (slot, position) each; all of them write their keys/values before any attends, so rows of
+// one slot at consecutive positions are a causal prompt chunk. Logits for the n_out rows in out_rows.
 void codellm_decoder_step(void* decoder, int32_t rows, const int64_t* tokens, const int64_t* positions,
-                          float* logits, int32_t threads) {
+                          const int64_t* slots, int32_t n_out, const int64_t* out_rows, float* logits,
+                          int32_t threads) {
   const auto* d = static_cast<Decoder*>(decoder);
   if (d->bf16_weights)
-    step<bf16>(d->m, rows, tokens, positions, logits, threads);
+    step<bf16>(d->m, rows, tokens, positions, slots, n_out, out_rows, logits, threads);
   else
-    step<float>(d->m, rows, tokens, positions, logits, threads);
+    step<float>(d->m, rows, tokens, positions, slots, n_out, out_rows, logits, threads);
 }
 
 void codellm_decoder_free(void* decoder) { delete static_cast<Decoder*>(decoder); }
