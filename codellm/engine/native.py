@@ -150,7 +150,8 @@ class NativeDecodeStep:
             self._pointer(model.norm.weight, dtype), self._pointer(model.lm_head.weight, dtype),
             self._pointer(cache.store_k, dtype), self._pointer(cache.store_v, dtype),
             self._keep[0].data_ptr(), self._keep[1].data_ptr())
-        self.cache, self.vocab = cache, cfg.vocab_size
+        # the native side holds raw pointers into these: keep them alive (and do not move the model's weights)
+        self.model, self.cache, self.vocab = model, cache, cfg.vocab_size
         # prompt chunks too where PyTorch's matmuls are slower than ours: bf16 on a CPU without bf16 units
         # (oneDNN ran a bf16 GEMM at 18 GFLOP/s here, ours at ~75; MKL's fp32 GEMM beats ours)
         self.prefills = dtype == torch.bfloat16 and not _has_bf16_units()
