@@ -64,6 +64,12 @@ class ListSource:
         self.i += 1
         return self.examples[(self.i - 1) % len(self.examples)]
 
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
 
 def test_packer_concatenates_documents_without_losing_tokens():
     docs = [Example(list(range(100 * k, 100 * k + n))) for k, n in enumerate([3, 11, 1, 7, 20])]
@@ -81,6 +87,45 @@ def test_packer_keeps_dialogs_whole_and_pads():
     assert rows[0] == ([1, 2, 3, 4, 5, 0, 0], [0, 0, 1, 1, 1, 0, 0])  # [6, 7, 8] does not fit: new row
     assert rows[1] == ([6, 7, 8, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0])
     assert rows[2][0][:5] == [1, 2, 3, 4, 5]
+
+
+def test_packer_interleave_spreads_a_long_document_and_loses_nothing():
+    """A document 40 rows long among short ones: in order it fills 40 consecutive rows; interleaved over
+    8 open documents it takes a fraction of each stretch of rows, every document still in order."""
+    long_doc = Example(list(range(10_000, 10_000 + 40 * 8)))
+    docs = [long_doc] + [Example(list(range(100 * k, 100 * k + 5 + k % 7))) for k in range(1, 60)]
+
+    def rows_of_long(interleave):
+        packer = Packer(ListSource(docs), seq_len=7, pad_id=-1, interleave=interleave, seed="t")
+        rows = [packer.next_row()[0] for _ in range(40)]
+        return rows, [sum(t >= 10_000 for t in row) / len(row) for row in rows]
+
+    _, in_order = rows_of_long(1)
+    assert all(share == 1.0 for share in in_order)
+    rows, spread = rows_of_long(8)
+    assert sum(spread) / len(spread) < 0.4 and sum(share == 1.0 for share in spread) < 10
+    stream = [t for row in rows for t in row]
+    for doc in docs:  # every document's tokens appear in order (those packed so far)
+        seen = [t for t in stream if t in set(doc.ids)]
+        assert seen == doc.ids[:len(seen)]
+
+
+def test_packer_interleave_state_resumes_exactly():
+    docs = [Example(list(range(100 * k, 100 * k + 3 + 5 * (k % 4)))) for k in range(30)]
+    first = Packer(ListSource(docs), seq_len=7, pad_id=-1, interleave=4, seed="r")
+    for _ in range(5):
+        first.next_row()
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [first.next_row() for _ in range(10)]
+    second = Packer(ListSource(docs), seq_len=7, pad_id=-1, interleave=4, seed="other")
+    second.load_state_dict(state)
+    assert [second.next_row() for _ in range(10)] == expected
+
+
+def test_packer_interleave_refuses_whole_examples():
+    packer = Packer(ListSource([Example([1, 2], [0, 1], whole=True)]), seq_len=6, pad_id=0, interleave=2)
+    with pytest.raises(ValueError, match="one at a time"):
+        packer.next_row()
 
 
 def test_sft_loss_mask_covers_exactly_the_answers(sp, tmp_path):
@@ -211,3 +256,10 @@ def test_bad_sft_records_name_the_problem(sp, tmp_path):
     cfg = TrainConfig.for_stage("sft", out=str(tmp_path / "run"), init="x", sft_data=(str(bad),))
     with pytest.raises(UserError, match="bad.jsonl: the line at byte 50 is not JSON"):
         make_batches(cfg, sp, 64, "train").next_batch(4)
+
+
+def test_runs_saved_before_interleaving_resume_in_order(tmp_path):
+    saved = TrainConfig.for_stage("pretrain", out=str(tmp_path), init="x", corpus="c").to_dict()
+    del saved["data"]["interleave"]
+    assert TrainConfig.from_dict(saved).data.interleave == 1
+    assert TrainConfig.for_stage("pretrain", out=str(tmp_path), init="x", corpus="c").data.interleave == 8

@@ -52,6 +52,8 @@ DATA_FLAGS = [
     ("--spm-rate", float, "share of infilling examples in SPM order (0.5)"),
     ("--mined-share", float, "sft: share of docstring-mined dialogs when --sft-data is given (0.5)"),
     ("--rehearsal", float, "sft: share of pretraining documents mixed in (0.08)"),
+    ("--interleave", int, "documents packed at once, each row continuing a random one, so a long file "
+                          "spreads over many steps (8; 1 = in order)"),
 ]
 
 

@@ -39,6 +39,7 @@ class DataConfig:
     mine_docstrings: bool = True  # sft: docstring -> function pairs from the corpus Python files
     mined_share: float = 0.5  # sft: share of mined pairs among SFT examples when --sft-data is given
     rehearsal: float = 0.0  # share of pretraining documents mixed into SFT (the paper: 6% code + 2% NL)
+    interleave: int = 8  # documents packed at once, rows continuing a random one (SFT packs 1 at a time)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainConfig:
             "lr": self.optim.lr > 0, "warmup_steps": self.optim.warmup_steps >= 0,
             "fim_rate": 0 <= self.data.fim_rate <= 1, "spm_rate": 0 <= self.data.spm_rate <= 1,
             "rehearsal": 0 <= self.data.rehearsal < 1, "mined_share": 0 <= self.data.mined_share <= 1,
+            "interleave": self.data.interleave >= 1,
             "log_every": self.log_every > 0, "eval_every": self.eval_every >= 0,
             "save_every": self.save_every >= 0, "keep_last": self.keep_last >= 1,
             "precision": self.precision in ("auto", "bf16", "fp32"),
@@ -110,6 +112,7 @@ class TrainConfig:
         """Inverse of `to_dict` (RUN_DIR/config.json)."""
         top = {k: v for k, v in d.items() if k not in ("optim", "data")}
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in d["data"].items()}
+        data.setdefault("interleave", 1)  # runs saved before interleaving packed in order, and resume so
         return cls(**top, optim=OptimConfig(**d["optim"]), data=DataConfig(**data))
 
 
