@@ -24,15 +24,13 @@ graph (one row, several rows) compiles for 20-35 s on first use, so compiling is
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import torch
 import torch.nn.functional as F
 
 from codellm.engine.kv_cache import SlotKVCache
-from codellm.errors import UserError
+from codellm.engine.native import NativeDecodeStep, cxx_compiler
 from codellm.model import Transformer, apply_rope, rope_cos_sin
 
 
@@ -80,9 +78,7 @@ def compiled_decode_step():
     dtype and one/several rows; the limit is raised from dynamo's 8 for a process serving several)."""
     global _compiled
     if _compiled is None:
-        compiler = os.environ.get("CXX", "g++")  # what inductor's CPU backend calls
-        if shutil.which(compiler) is None:
-            raise UserError(f"--compile needs a C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)")
+        cxx_compiler()  # inductor's C++ wrapper (and its CPU kernels) are built with it
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         # cpp_wrapper: the graph's kernel calls run from C++, not from a generated Python function
         # (its per-call view and stride checks cost ~0.5 ms of a 4.7 ms batch-1 step; compiling takes ~10 s more)
@@ -93,14 +89,14 @@ def compiled_decode_step():
 def fast_decode_step(model: Transformer, cache: SlotKVCache):
     """What `Engine(compile=True)` decodes with: the native step on a CPU, this function compiled elsewhere."""
     if cache.store_k.device.type == "cpu":
-        from codellm.engine.native import NativeDecodeStep
-
         return NativeDecodeStep(model, cache)
     return DecodeStep(model, cache, compile=True)
 
 
 class DecodeStep:
     """Runs `decode_step` over the first B slot rows and stores the new keys/values; eager or compiled."""
+
+    prefills = False  # prompt chunks go through model.forward (NativeDecodeStep may take them)
 
     def __init__(self, model: Transformer, cache: SlotKVCache, compile: bool = False):
         model.fuse_projections()

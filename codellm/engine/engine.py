@@ -30,7 +30,7 @@ Measured decisions (2-core CPUs without BF16/AMX units):
   (~100 ops, each a dispatch and a thread fork-join) around MKL's fp32 GEMV, which runs on one thread;
   `Engine(compile=True)` decodes through `native.NativeDecodeStep` on a CPU: the whole step as one C++
   call, built at first use (~4 s, cached). Batch-1 decode of models/default (2 threads, AMD EPYC AVX2):
-  eager ~190 tok/s, torch.compile'd `decode.decode_step` ~195, native ~650 fp32 and ~1,200 bf16
+  eager ~130 tok/s, torch.compile'd `decode.decode_step` ~195, native ~630-700 fp32 and ~840-1,100 bf16
   (bench/engine.py has the table). Off the CPU, compile=True runs `decode_step` under torch.compile;
 - bf16 weights pay on the native path only (it widens them in registers: half the bytes of fp32 for
   the same work); through PyTorch a bf16 GEMM ran at a fraction of fp32's speed on AVX2 CPUs without
@@ -89,8 +89,8 @@ class Engine:
             self.cache = SlotKVCache.from_budget(cfg, kv_memory, max_len, weight.dtype, weight.device)
         if hasattr(model, "fuse_projections"):  # wrappers around a model (tests, adapters) run as they are
             model.fuse_projections()
-        # compiled: decode steps run `decode.decode_step`, a pure function made for torch.compile; eager:
-        # model.forward through a SlotView (fewer, fused kernels: SDPA; 10% faster than eager decode_step)
+        # compiled: decode steps run the native step on a CPU, `decode.decode_step` under torch.compile
+        # elsewhere; eager: model.forward through a SlotView (SDPA; 10% faster than eager decode_step)
         if compile and not isinstance(model, Transformer):
             raise TypeError(f"compile=True needs a codellm Transformer (got {type(model).__name__})")
         self.decoder = fast_decode_step(model, self.cache) if compile else None
@@ -219,7 +219,7 @@ class Engine:
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
         """The next n prompt tokens of one request -> logits of the last one (1, vocab)."""
         start = req.n_computed
-        if getattr(self.decoder, "prefills", False):  # the native step, where it is the faster prefill
+        if self.decoder is not None and self.decoder.prefills:  # the native step, where it is faster
             logits = self.decoder(req.tokens[start:start + n], range(start, start + n), [req.slot] * n, [n - 1])
             req.n_computed += n
             return logits

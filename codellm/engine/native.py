@@ -27,6 +27,7 @@ weights they are at least as precise as the reference's bf16 activations (and ma
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -51,6 +52,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "codellm"
 
 
+@functools.cache
 def _cpu_fingerprint() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -69,11 +71,17 @@ def _private(folder: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def build_library() -> Path:
-    """The compiled library for this source, compiler and CPU: from the cache, or compiled now."""
+def cxx_compiler() -> str:
+    """The C++ compiler --compile builds with (this step, and inductor's CPU code): $CXX, else g++."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise UserError(f"--compile needs a C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)")
+    return compiler
+
+
+def build_library() -> Path:
+    """The compiled library for this source, compiler and CPU: from the cache, or compiled now."""
+    compiler = cxx_compiler()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
