@@ -57,3 +57,22 @@ def bpe(tmp_path_factory):
 @pytest.fixture(params=["sp", "bpe"])
 def tok(request):
     return request.getfixturevalue(request.param)
+
+
+def decode_against_forward(model, make_step, prompts):
+    """Each prompt in its own slot row, then one token a row at different positions through
+    `make_step(model, cache)(tokens, positions)` and through the model's forward from the same cache:
+    -> (step logits, forward logits, the cache after the step, the keys/values the forward stored)."""
+    from codellm.engine import SlotKVCache
+
+    cache = SlotKVCache(model.cfg, n_slots=4, max_len=64)
+    with torch.inference_mode():
+        for row, p in enumerate(prompts):
+            model(torch.tensor([p]), torch.arange(len(p))[None], cache.view(row, row + 1))
+        before = (cache.k.clone(), cache.v.clone())
+        tokens, positions = list(range(5, 5 + len(prompts))), [len(p) for p in prompts]
+        want = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache.view(0, len(prompts)))[:, 0]
+        after = (cache.k.clone(), cache.v.clone())
+        cache.k[:], cache.v[:] = before  # forget what the forward stored
+        got = make_step(model, cache)(tokens, positions)
+    return got, want, cache, after

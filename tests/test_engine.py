@@ -14,7 +14,7 @@ from codellm.engine.kv_cache import common_prefix
 from codellm.errors import UserError
 from codellm.generate import SamplingParams, generate_tokens
 from codellm.tokenizer import load_tokenizer
-from tests.conftest import tiny_model
+from tests.conftest import decode_against_forward, tiny_model
 
 VOCAB = 512
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,16 +303,7 @@ def test_decode_step_equals_the_model_forward(model):
     """The pure decode function (what Engine(compile=True) compiles off the CPU), run eagerly: rows at different
     positions, over the slot storage, give the model's logits and store the same keys/values."""
     prompts = [random_prompt(n, 500 + n) for n in (9, 30, 17)]
-    cache = SlotKVCache(model.cfg, n_slots=4, max_len=64)
-    with torch.inference_mode():
-        for row, p in enumerate(prompts):
-            model(torch.tensor([p]), torch.arange(len(p))[None], cache.view(row, row + 1))
-        before = (cache.k.clone(), cache.v.clone())
-        tokens, positions = [5, 6, 7], [len(p) for p in prompts]
-        want = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache.view(0, 3))[:, 0]
-        after = (cache.k.clone(), cache.v.clone())
-        cache.k[:], cache.v[:] = before  # forget what the forward stored
-        got = DecodeStep(model, cache)(tokens, positions)
+    got, want, cache, after = decode_against_forward(model, DecodeStep, prompts)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close((cache.k, cache.v), after)
 

@@ -11,7 +11,7 @@ from codellm.engine import Engine, SlotKVCache, native
 from codellm.engine.native import NativeDecodeStep
 from codellm.errors import UserError
 from codellm.generate import SamplingParams
-from tests.conftest import needs_cxx, tiny_model
+from tests.conftest import decode_against_forward, needs_cxx, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # dims that are multiples of 8 and 32 take the AVX2 kernels; these odd ones the scalar loops
@@ -35,15 +35,7 @@ def prompts_for(vocab: int):
 def test_native_step_equals_the_model_forward(overrides):
     """Rows at different positions: the model's logits, and the same keys/values stored."""
     model = tiny_model(512, **overrides).fuse_projections()
-    prompts = prompts_for(512)
-    cache = filled_cache(model, prompts)
-    tokens, positions = [5, 6, 7], [len(p) for p in prompts]
-    with torch.inference_mode():
-        before = (cache.k.clone(), cache.v.clone())
-        want = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache.view(0, 3))[:, 0]
-        after = (cache.k.clone(), cache.v.clone())
-        cache.k[:], cache.v[:] = before  # forget what the forward stored
-        got = NativeDecodeStep(model, cache)(tokens, positions)
+    got, want, cache, after = decode_against_forward(model, NativeDecodeStep, prompts_for(512))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close((cache.k, cache.v), after, atol=1e-5, rtol=1e-5)
 
