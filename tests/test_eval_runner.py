@@ -11,6 +11,7 @@ import pytest
 
 from codellm.cli import main
 from codellm.eval import runner
+from codellm.eval.cli import BENCHMARK_DATA
 from codellm.eval.execution import STATUSES
 from codellm.eval.generators import truncate
 from codellm.eval.passk import pass_at_k, pass_at_ks
@@ -18,7 +19,7 @@ from codellm.eval.tasks import HumanEval, Infilling
 from codellm.sandbox import Limits, Sandbox
 from tests.conftest import needs_cxx
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = BENCHMARK_DATA
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data {DATA} is not beside the checkout")
 
 

@@ -10,17 +10,17 @@ toolchain the sandbox can use, and the rest are skipped with the reason.
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from codellm.errors import UserError
+from codellm.eval.cli import BENCHMARK_DATA
 from codellm.eval.execution import LANGUAGES, missing_tools
 from codellm.eval.tasks import MBPP, HumanEval, Infilling, MultiPLE, get_task
 from codellm.sandbox import Limits, Sandbox
 from tests.eval_fixtures import EARLY_EXIT, SOLUTIONS, WRONG
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = BENCHMARK_DATA
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data {DATA} is not beside the checkout")
 FULL = bool(os.environ.get("CODELLM_FULL_EVAL_TESTS"))
 GCD = "HumanEval_13_greatest_common_divisor"

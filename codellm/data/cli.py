@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from codellm.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BENCHMARKS = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_BENCHMARKS = Path(__file__).resolve().parents[1] / "eval" / "data"  # shipped with the package
 
 
 def add_parser(subparsers) -> None:
@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--near-dup-threshold", type=float, default=0.85, help="MinHash Jaccard to call a near dup")
     b.add_argument("--max-file-bytes", type=int, default=1_000_000, help="larger files are dropped")
     b.add_argument("--shard-mb", type=int, default=128, help="JSONL shard size in MB")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the per-file checks (default: all cores; the corpus does not depend on it)")
     b.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     b.set_defaults(func=run_build)
 
@@ -53,6 +55,8 @@ def run_build(args: argparse.Namespace) -> None:
         raise UserError("data build: give at least one --source PATH or --stdlib")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
     if not 0 < args.near_dup_threshold <= 1:
         raise UserError(f"--near-dup-threshold {args.near_dup_threshold}: must be in (0, 1]")
     sources = [open_source(p) for p in args.source] + ([stdlib_source()] if args.stdlib else [])
@@ -60,7 +64,7 @@ def run_build(args: argparse.Namespace) -> None:
                          shard_bytes=args.shard_mb * 2**20,
                          filters=replace(FilterConfig(), max_bytes=args.max_file_bytes))
     decontam = Decontaminator.from_dir(args.benchmarks)
-    m = build_corpus(sources, args.out, decontam=decontam, config=config, force=args.force)
+    m = build_corpus(sources, args.out, decontam=decontam, config=config, force=args.force, workers=args.workers)
     split = ", ".join(f"{s} {v['docs']:,} docs / {v['packages']:,} packages" for s, v in m["splits"].items())
     print(f"wrote {args.out}: {m['docs']:,} docs, {m['bytes'] / 1e6:.1f} MB ({split}); "
           f"dropped {sum(m['dropped'].values()):,} of {m['files_seen']:,} files, "

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from codellm.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = Path(os.environ.get("CODELLM_EVAL_DATA", REPO_ROOT.parent / "shared" / "data"))
+# benchmark files ship with the package (data/SOURCES.md, data/LICENSES.md); CODELLM_EVAL_DATA points elsewhere
+BENCHMARK_DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_DATA = Path(os.environ.get("CODELLM_EVAL_DATA", BENCHMARK_DATA))
 
 
 def add_parser(subparsers) -> None:
