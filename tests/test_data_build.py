@@ -16,7 +16,7 @@ import pytest
 from codellm.data.build import BuildConfig, build_corpus, split_of
 from codellm.data.cli import DEFAULT_BENCHMARKS
 from codellm.data.decontam import Decontaminator
-from codellm.data.filters import FilterConfig, NearDedup, quality_reason
+from codellm.data.filters import FilterConfig, MinHasher, NearDedup, quality_reason
 from codellm.data.shards import read_corpus
 from codellm.data.sources import (
     classify,
@@ -145,10 +145,10 @@ def test_build_filters_dedups_decontaminates_and_splits(tmp_path, decontam):
         ["manifest.json"] + [sh["file"] for info in m["splits"].values() for sh in info["shards"]])
     assert not list(tmp_path.glob(".corpus*"))  # no temp dir left behind
 
-    # deterministic: same sources and seed -> identical shards
+    # deterministic: same sources and seed -> identical shards, also with the checks in 2 worker processes
     again = build_corpus([open_source(p) for p in make_tree(tmp_path / "tree2", DEFAULT_BENCHMARKS)],
-                         tmp_path / "corpus2", decontam=decontam, config=CONFIG, progress_every=None)
-    assert again["splits"] == m["splits"]
+                         tmp_path / "corpus2", decontam=decontam, config=CONFIG, progress_every=None, workers=2)
+    assert again["splits"] == m["splits"] and again["dropped"] == m["dropped"]
 
 
 def make_archives(root: Path) -> list[Path]:
@@ -268,11 +268,21 @@ def test_quality_filters():
 
 
 def test_near_dedup():
-    nd = NearDedup(threshold=0.85)
+    nd, sig = NearDedup(threshold=0.85), MinHasher().signature
     base = py_module(1)
-    assert not nd.is_duplicate(base)
-    assert nd.is_duplicate(base.replace("# ", "# changed ", 1))
-    assert not nd.is_duplicate(py_module(2))
+    assert not nd.is_duplicate(sig(base))
+    assert nd.is_duplicate(sig(base.replace("# ", "# changed ", 1)))
+    assert not nd.is_duplicate(sig(py_module(2)))
+
+
+def test_minhash_estimates_jaccard():
+    words = [f"w{i}" for i in range(400)]
+    a, b = " ".join(words), " ".join(words[:300] + [f"x{i}" for i in range(100)])  # 5-gram Jaccard ~0.6
+    sa, sb = MinHasher().signature(a), MinHasher().signature(b)
+    shingles = lambda ws: {" ".join(ws[i:i + 5]) for i in range(len(ws) - 4)}  # noqa: E731
+    truth = len(shingles(a.split()) & shingles(b.split())) / len(shingles(a.split()) | shingles(b.split()))
+    assert abs(float((sa == sb).mean()) - truth) < 0.12
+    assert (MinHasher().signature(a) == sa).all() and sa.dtype.name == "uint32"
 
 
 def test_decontaminator_skips_boilerplate_and_short_ngrams():

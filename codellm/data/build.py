@@ -7,30 +7,35 @@ Corpus layout (written to a temp dir beside `out`, renamed into place when compl
     out/manifest.json           format, params, packages with licences and counts, per-language counts,
                                 dropped counts per reason, contamination hits, sha256 of every shard
 
-Files are checked cheapest first and the first failing rule is the reason counted. Dedup keeps the first
-copy in source order. Splits are by package, decided by a seeded hash of the package name, so all
-versions of one dist land in the same split.
+Files are checked cheapest first and the first failing rule is the reason counted. The per-file checks
+(decoding, quality, dedup keys, MinHash, benchmark overlap) run in worker processes (`workers`); the
+decisions that depend on order run in the parent in source order, so dedup keeps the first copy in
+source order and the corpus is the same for any number of workers. Splits are by package, decided by a
+seeded hash of the package name, so all versions of one dist land in the same split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 import sys
 import tarfile
 import time
 import zipfile
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from codellm.data.decontam import Decontaminator
-from codellm.data.filters import ExactDedup, FilterConfig, NearDedup, decode, quality_reason, size_reason
-from codellm.data.sources import Package, Source, language
+from codellm.data.filters import ExactDedup, FilterConfig, MinHasher, NearDedup, decode, quality_reason, size_reason
+from codellm.data.sources import Source, language
 from codellm.errors import UserError
 
 FORMAT = "codellm-corpus/1"
@@ -161,61 +166,116 @@ class Progress:
                   f"{time.monotonic() - self.start:.0f}s | {what}", file=sys.stderr, flush=True)
 
 
-class _Filter:
-    """All per-file checks in order; `reason` returns why a file is dropped, or None to keep it."""
+# What worker processes need, set before they are forked (fork shares the decontamination index for free).
+_CHECKS: tuple[FilterConfig, Decontaminator | None, MinHasher] | None = None
+TASK_BYTES = 1 << 21  # files per worker task: about 2 MB of source
+
+
+@dataclass
+class Checked:
+    """One file after the per-file checks; `reason` None means it passed them and the dedup keys are set."""
+
+    path: str
+    reason: str | None
+    text: str | None = None
+    exact_key: bytes | None = None
+    contaminated_by: str | None = None
+    signature: np.ndarray | None = None
+
+
+def _check_files(files: list[tuple[str, bytes]]) -> list[Checked]:
+    """Decode + quality filters, and for files that pass: exact-dedup key, benchmark overlap, MinHash."""
+    filters, decontam, hasher = _CHECKS
+    out = []
+    for path, data in files:
+        text = decode(data)
+        if text is None:
+            out.append(Checked(path, "not_utf8"))
+        elif reason := quality_reason(text, language(path), filters):
+            out.append(Checked(path, reason))
+        else:
+            label = decontam.match(text) if decontam else None
+            out.append(Checked(path, None, text, ExactDedup.key(text), label, hasher.signature(text)))
+    return out
+
+
+def _ordered_map(fn, tasks: Iterable, workers: int) -> Iterator:
+    """fn over tasks in worker processes, results in task order, a bounded number in flight."""
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            while len(pending) >= 4 * workers or (pending and pending[0].ready()):
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Dedup:
+    """The order-dependent decisions, taken in the parent in source order: exact dup, benchmark
+    overlap, near dup (the first copy seen is kept)."""
 
     def __init__(self, cfg: BuildConfig, decontam: Decontaminator | None):
-        self.cfg, self.decontam = cfg, decontam
         self.exact = ExactDedup()
         self.near = NearDedup(cfg.near_dup_threshold, cfg.num_perm)
+        self.decontam = decontam
         self.hits: list[dict] = []
 
-    def reason(self, pkg: Package, path: str, size: int) -> tuple[str | None, str | None]:
-        """(reason to drop, text); reason None means keep the text."""
-        if r := size_reason(size, self.cfg.filters):
-            return r, None
-        try:
-            text = decode(pkg.read(path))
-        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error):
-            return "unreadable", None  # one damaged member should not end a long build
-        if text is None:
-            return "not_utf8", None
-        if r := quality_reason(text, language(path), self.cfg.filters):
-            return r, text
-        if self.exact.is_duplicate(text):
-            return "exact_dup", text
-        if self.decontam and (label := self.decontam.match(text)):
+    def reason(self, package: str, f: Checked) -> str | None:
+        if f.reason:
+            return f.reason
+        if self.exact.is_duplicate(f.exact_key):
+            return "exact_dup"
+        if f.contaminated_by:
             if len(self.hits) < MAX_HITS_LISTED:
-                self.hits.append({"package": pkg.name, "path": path, "benchmark": label})
-            return "contaminated", text
-        if self.near.is_duplicate(text):
-            return "near_dup", text
-        return None, text
+                self.hits.append({"package": package, "path": f.path, "benchmark": f.contaminated_by})
+            return "contaminated"
+        if self.near.is_duplicate(f.signature):
+            return "near_dup"
+        return None
 
 
 def build_corpus(sources: list[Source], out: Path, *, decontam: Decontaminator | None,
-                 config: BuildConfig = BuildConfig(), force: bool = False, progress_every: int | None = 2000
-                 ) -> dict:
-    """Build a corpus directory at `out` and return its manifest. `decontam=None` skips decontamination."""
-    with staged_output(Path(out), FORMAT, force) as tmp:
-        manifest = _build(sources, tmp, decontam, config, Progress(progress_every))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+                 config: BuildConfig = BuildConfig(), force: bool = False, progress_every: int | None = 2000,
+                 workers: int = 1) -> dict:
+    """Build a corpus directory at `out` and return its manifest. `decontam=None` skips decontamination.
+    `workers` processes run the per-file checks; the corpus is the same for any number of them."""
+    global _CHECKS
+    _CHECKS = (config.filters, decontam, MinHasher(config.num_perm))
+    try:
+        with staged_output(Path(out), FORMAT, force) as tmp:
+            manifest = _build(sources, tmp, decontam, config, Progress(progress_every), workers)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    finally:
+        _CHECKS = None
     return manifest
 
 
 def _build(sources: list[Source], tmp: Path, decontam: Decontaminator | None, cfg: BuildConfig,
-           progress: Progress) -> dict:
-    filt = _Filter(cfg, decontam)
+           progress: Progress, workers: int) -> dict:
+    dedup = _Dedup(cfg, decontam)
     dropped: Counter[str] = Counter()
-    packages, source_info = [], []
+    packages: list[dict] = []
+    source_info: list[dict] = []
+    tasks = _tasks(sources, cfg.filters, packages, source_info, dropped, progress)
     with open(tmp / "staging.jsonl", "wb") as staging:
-        for src in sources:
-            n_before = len(packages)
-            for pkg in src.packages():
-                packages.append(_take_package(pkg, filt, dropped, staging, progress))
-            source_info.append({"path": src.path, "kind": src.kind, "packages": len(packages) - n_before})
-            if src.kind != "archive":  # one line per archive would drown the periodic lines
-                progress.line(f"done {src.path}")
+        for index, checked in _ordered_map(_check_files_of, tasks, workers):
+            entry = packages[index]
+            for f in checked:
+                if reason := dedup.reason(entry["name"], f):
+                    dropped[reason] += 1
+                    progress.update(1, entry["name"])
+                    continue
+                doc = {"text": f.text, "path": f.path, "lang": language(f.path), "package": entry["name"],
+                       "license": entry["license"]}
+                staging.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                nbytes = len(f.text.encode())
+                entry["kept"] += 1
+                entry["bytes"] += nbytes
+                progress.update(1, entry["name"], nbytes)
     if progress.kept == 0:
         raise UserError(f"no documents left after filtering {progress.files:,} files from "
                         f"{len(sources)} source(s); dropped: {dict(dropped)}")
@@ -234,33 +294,55 @@ def _build(sources: list[Source], tmp: Path, decontam: Decontaminator | None, cf
         "bytes": progress.kept_bytes,
         "langs": _lang_totals(splits),
         "dropped": dict(sorted(dropped.items())),
-        "decontamination": _decontam_info(decontam, dropped["contaminated"], filt.hits),
+        "decontamination": _decontam_info(decontam, dropped["contaminated"], dedup.hits),
         "splits": splits,
         "packages": packages,
     }
 
 
-def _take_package(pkg: Package, filt: _Filter, dropped: Counter, staging, progress: Progress) -> dict:
-    lic = pkg.license
-    entry = {"name": pkg.name, "source": pkg.source, "license": lic.name, "license_evidence": lic.evidence,
-             "permissive": lic.permissive, "files": len(pkg.files), "kept": 0, "bytes": 0}
-    if not lic.permissive:
-        dropped["unlicensed" if lic.name == "unknown" else "license_not_permissive"] += len(pkg.files)
-        progress.update(len(pkg.files), pkg.name)
-        return entry
-    for path, size in pkg.files:
-        reason, text = filt.reason(pkg, path, size)
-        if reason:
-            dropped[reason] += 1
-            progress.update(1, pkg.name)
-            continue
-        doc = {"text": text, "path": path, "lang": language(path), "package": pkg.name, "license": lic.name}
-        staging.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
-        nbytes = len(text.encode())
-        entry["kept"] += 1
-        entry["bytes"] += nbytes
-        progress.update(1, pkg.name, nbytes)
-    return entry
+def _check_files_of(task: tuple[int, list[tuple[str, bytes]]]) -> tuple[int, list[Checked]]:
+    index, files = task
+    return index, _check_files(files)
+
+
+def _tasks(sources: list[Source], filters: FilterConfig, packages: list[dict], source_info: list[dict],
+           dropped: Counter, progress: Progress) -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
+    """Read every package in source order (its licence decides whether its files are read at all) and
+    yield (index of its entry in `packages`, ~2 MB of its files) tasks; oversize and unreadable files
+    are counted here."""
+    for src in sources:
+        n_before = len(packages)
+        for pkg in src.packages():
+            lic = pkg.license
+            entry = {"name": pkg.name, "source": pkg.source, "license": lic.name, "license_evidence": lic.evidence,
+                     "permissive": lic.permissive, "files": len(pkg.files), "kept": 0, "bytes": 0}
+            packages.append(entry)
+            if not lic.permissive:
+                dropped["unlicensed" if lic.name == "unknown" else "license_not_permissive"] += len(pkg.files)
+                progress.update(len(pkg.files), pkg.name)
+                continue
+            batch, size = [], 0
+            for path, nbytes in pkg.files:
+                if reason := size_reason(nbytes, filters):
+                    dropped[reason] += 1
+                    progress.update(1, pkg.name)
+                    continue
+                try:
+                    data = pkg.read(path)
+                except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error):
+                    dropped["unreadable"] += 1  # one damaged member should not end a long build
+                    progress.update(1, pkg.name)
+                    continue
+                batch.append((path, data))
+                size += len(data)
+                if size >= TASK_BYTES:
+                    yield len(packages) - 1, batch
+                    batch, size = [], 0
+            if batch:
+                yield len(packages) - 1, batch
+        source_info.append({"path": src.path, "kind": src.kind, "packages": len(packages) - n_before})
+        if src.kind != "archive":  # one line per archive would drown the periodic lines
+            progress.line(f"read all of {src.path}")
 
 
 def _write_splits(tmp: Path, split: dict[str, str], shard_bytes: int) -> dict:

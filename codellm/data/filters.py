@@ -4,7 +4,7 @@ Thresholds follow Codex (Chen et al. 2021, §3.1): drop files over 1 MB, with a 
 a mean line length over 100, or under 25% alphanumeric characters; plus files whose header says they
 are generated. Prose (Markdown, reST) keeps one paragraph per line, so it skips the mean-line check.
 Exact dedup hashes the text with all whitespace removed; near dedup is MinHash + LSH over 5-grams of
-whitespace tokens (datasketch), keeping the first document seen.
+whitespace tokens (numpy; the banding datasketch would choose), keeping the first document seen.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-
-from codellm.errors import UserError
 
 PROSE = {"markdown", "rst"}
 NON_ALNUM = re.compile(r"[\W_]+")  # removing these leaves letters and digits, at C speed
@@ -76,48 +74,83 @@ class ExactDedup:
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
 
-    def is_duplicate(self, text: str) -> bool:
-        key = hashlib.blake2b("".join(text.split()).encode(), digest_size=16).digest()
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.blake2b("".join(text.split()).encode(), digest_size=16).digest()
+
+    def is_duplicate(self, key: bytes) -> bool:
         if key in self._seen:
             return True
         self._seen.add(key)
         return False
 
 
-class NearDedup:
-    """MinHash LSH; a candidate counts as a duplicate only if its estimated Jaccard >= threshold.
+def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) minimising false positives + false negatives around `threshold`, as
+    datasketch's MinHashLSH chooses them (equal weights; integrals by the midpoint rule)."""
+    def midpoints(lo: float, hi: float, n: int = 200) -> tuple[np.ndarray, float]:
+        return lo + (hi - lo) * (np.arange(n) + 0.5) / n, (hi - lo) / n
 
-    Keeps one uint32 signature per document (num_perm * 4 bytes) to verify LSH candidates.
-    """
+    below, dx_below = midpoints(0.0, threshold)
+    above, dx_above = midpoints(threshold, 1.0)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = float((1 - (1 - below**r) ** b).sum() * dx_below)  # P(candidate) for pairs under threshold
+            fn = float(((1 - above**r) ** b).sum() * dx_above)  # P(missed) for pairs over it
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
 
-    def __init__(self, threshold: float = 0.85, num_perm: int = 128, shingle: int = 5, seed: int = 1):
-        try:  # imported here: only corpus building needs it
-            from datasketch import MinHash, MinHashLSH
-        except ImportError as e:
-            raise UserError("near-dedup needs datasketch: pip install datasketch==2.0.0") from e
 
-        # crc32: deterministic across runs and ~5x faster than the default sha1; the MinHash
-        # permutations on top of it are what need to be random
-        self._minhash = lambda: MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._sigs: list[np.ndarray] = []
-        self.threshold, self.shingle = threshold, shingle
+_MERSENNE = np.uint64((1 << 61) - 1)
 
-    def signature(self, text: str):
+
+class MinHasher:
+    """MinHash signatures of 5-gram shingles of whitespace tokens: a pure function of the text, so corpus
+    building computes them in worker processes. Shingles are hashed with crc32 (deterministic across
+    runs and processes), then permuted by `num_perm` seeded universal hashes (a*h + b) mod 2^61-1."""
+
+    def __init__(self, num_perm: int = 128, shingle: int = 5, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, int(_MERSENNE), num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, int(_MERSENNE), num_perm, dtype=np.uint64)
+        self.num_perm, self.shingle = num_perm, shingle
+
+    def signature(self, text: str) -> np.ndarray:
         tokens = text.split()
         n = min(self.shingle, len(tokens))
-        items = list({" ".join(tokens[i : i + n]).encode() for i in range(len(tokens) - n + 1)})
-        m = self._minhash()
-        for start in range(0, len(items), 8192):  # chunks bound the (shingles x num_perm) temporary
-            m.update_batch(items[start : start + 8192])
-        return m
+        shingles = {" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)} or {""}
+        hashes = np.fromiter((zlib.crc32(s.encode()) for s in shingles), np.uint64, len(shingles))
+        sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+        for start in range(0, len(hashes), 4096):  # chunks bound the (shingles x num_perm) temporary
+            h = hashes[start : start + 4096, None]
+            with np.errstate(over="ignore"):  # uint64 wrap-around is part of the hash
+                perm = (h * self.a + self.b) % _MERSENNE & np.uint64(0xFFFFFFFF)
+            np.minimum(sig, perm.min(axis=0), out=sig)
+        return sig.astype(np.uint32)
 
-    def is_duplicate(self, text: str) -> bool:
+
+class NearDedup:
+    """MinHash LSH over signatures; a candidate counts as a duplicate only if the estimated Jaccard
+    (share of equal signature entries) is >= threshold. Keeps one signature per kept document."""
+
+    def __init__(self, threshold: float = 0.85, num_perm: int = 128):
+        self.threshold, self.num_perm = threshold, num_perm
+        self.bands, self.rows = _lsh_bands(threshold, num_perm)
+        self._tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self._sigs: list[np.ndarray] = []
+
+    def _keys(self, sig: np.ndarray) -> list[bytes]:
+        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+
+    def is_duplicate(self, sig: np.ndarray) -> bool:
         """True if a kept document is near-identical; otherwise remember this one and return False."""
-        m = self.signature(text)
-        sig = m.hashvalues.astype(np.uint32)
-        if any(np.mean(self._sigs[k] == sig) >= self.threshold for k in self._lsh.query(m)):
+        keys = self._keys(sig)
+        candidates = {k for table, key in zip(self._tables, keys, strict=True) for k in table.get(key, ())}
+        if any(np.mean(self._sigs[k] == sig) >= self.threshold for k in candidates):
             return True
-        self._lsh.insert(len(self._sigs), m, check_duplication=False)
+        for table, key in zip(self._tables, keys, strict=True):
+            table.setdefault(key, []).append(len(self._sigs))
         self._sigs.append(sig)
         return False
