@@ -73,10 +73,14 @@ PRESETS: dict[str, dict] = {
     # tests: fast on a CPU, still exercises GQA
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
                  max_seq_len=256, rope_theta=1e6),
-    # the model codellm trains and ships (models/default/MODEL_CARD.md), sized for 2 CPU cores; its
-    # pretraining shape: the long-context stage then sets theta 1e6 and 4x the context, as Code Llama
-    "default": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=704,
-                    max_seq_len=512, rope_theta=1e4),
+    # the model codellm trains and ships (models/default/MODEL_CARD.md, runs/gpu_default.sh): 11.1M
+    # parameters, so base + instruct in bf16 fit the 48 MB models/ budget; its pretraining shape: the
+    # long-context stage then sets theta 1e6 and 4x the context, as Code Llama
+    "default": dict(vocab_size=8192, dim=320, n_layers=6, n_heads=5, n_kv_heads=1, hidden_dim=768,
+                    max_seq_len=1024, rope_theta=1e4),
+    # the CPU-trained default of 2026-11 (runs/default_model.sh): 8.6M parameters, 512-token pretraining
+    "default-cpu": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=704,
+                        max_seq_len=512, rope_theta=1e4),
     # Code Llama shapes (meta-llama/CodeLlama-*-hf config.json)
     "codellama-7b": dict(vocab_size=32016, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                          hidden_dim=11008, max_seq_len=16384, rope_theta=1e6),

@@ -33,7 +33,7 @@ resume() { [ -d "$RUN/$1/checkpoints" ] && echo --resume || true; }
 # 3. pretraining with the infilling objective (rate 0.9, PSM/SPM half-half), theta 1e4, 512 tokens
 [ -f "$RUN/pretrain/final/config.json" ] || stage pretrain $PY -m codellm train --stage pretrain \
     $(resume pretrain) --out "$RUN/pretrain" --corpus "$RUN/corpus" --tokenizer "$RUN/tokenizer" \
-    --model-preset default --rope-theta 10000 --seq-len 512 --steps "$STEPS_PRETRAIN" \
+    --model-preset default-cpu --rope-theta 10000 --seq-len 512 --steps "$STEPS_PRETRAIN" \
     --batch-tokens "$BATCH" --micro-batch-size 8 --lr 1e-3 --warmup-steps 30 \
     --log-every 10 --eval-every 100 --eval-batches 8 --save-every 50 --device cpu
 

@@ -132,6 +132,42 @@ def test_resume_in_process_repeats_the_loss_curve(data, tmp_path):
     assert losses(out) == full
 
 
+def test_data_worker_processes_resume_exactly(data, tmp_path):
+    """--data-workers 2: two processes pack alternate steps; a resumed run repeats the loss curve."""
+    out = tmp_path / "run"
+    run(pretrain_args(data, out, "--steps", "5", "--save-every", "2", "--keep-last", "1", "--eval-every", "0",
+                      "--data-workers", "2"))
+    full = losses(out)
+    state = json.loads((out / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["ranks"][0]["data"]["next"] == 0 and len(state["ranks"][0]["data"]["workers"]) == 2
+    run(["train", "--resume", "--out", str(out)])
+    assert losses(out) == full
+    with pytest.raises(UserError, match="--data-workers 2; resume with the same number"):
+        cli.run_train(cli_args(["train", "--resume", "--out", str(out), "--data-workers", "3"]))
+
+
+def test_time_budget_ends_the_run_and_fits_the_schedule(data, tmp_path):
+    out = tmp_path / "run"
+    run(pretrain_args(data, out, "--steps", "100000", "--time-budget", "1.5", "--eval-every", "0", "--save-every", "0"))
+    info = json.loads((out / "final" / "training.json").read_text())
+    assert 2 <= info["steps"] < 100000 and info["train_seconds"] >= 1.5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] < 3e-4 / 10  # the cosine reached its floor when the time was up, not at step 100000
+    o = OptimConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(5, 100, o, time_done=0.5) == pytest.approx(0.5) and lr_at(60, 100, o, 0.5) < 0.5
+
+
+def test_val_loss_compares_models_on_the_same_rows(pretrained, data, capsys):
+    argv = ["train", "val-loss", str(pretrained / "final"), "--corpus", str(data["corpus"]), "--seq-len", "32",
+            "--rows", "2", "--batches", "2", "--device", "cpu", "--json"]
+    run(argv)
+    run(argv)
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first == second and 0 < first["loss"] < 20 and first["tokens"] == 128
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        cli.run_val_loss(cli_args(argv[:5] + ["--seq-len", "100000", "--device", "cpu"]))
+
+
 def test_kill_9_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     args = ["--steps", "40", "--save-every", "3", "--eval-every", "0"]
     run(pretrain_args(data, tmp_path / "reference", *args))

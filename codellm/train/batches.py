@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,37 +217,6 @@ class Packer:
             set_rng_state(self.rng, state["rng"])
         else:  # a checkpoint from before interleaving: one partly packed example
             self.open = [(list(state["rest"][0]), list(state["rest"][1]))] if state["rest"][0] else []
-
-
-class Prefetcher:
-    """Draws the next optimizer step's micro-batches in a background thread while this step computes.
-
-    Tokenizing runs outside the GIL, so on a machine with a spare core data costs no step time. The
-    resumable position is the one after the step handed out last, not after the one being prepared.
-    """
-
-    def __init__(self, packer: Packer, rows: int, accum: int, pin: bool):
-        self.packer, self.rows, self.accum, self.pin = packer, rows, accum, pin
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
-        self.state = packer.state_dict()
-        self.pending = self.pool.submit(self._draw)
-
-    def _draw(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
-        micro = [self.packer.next_batch(self.rows) for _ in range(self.accum)]
-        if self.pin:
-            micro = [(t.pin_memory(), w.pin_memory()) for t, w in micro]
-        return micro, self.packer.state_dict()
-
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        micro, self.state = self.pending.result()
-        self.pending = self.pool.submit(self._draw)
-        return micro
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def make_batches(cfg: TrainConfig, tok: Tokenizer, seq_len: int, split: str, rank: int = 0,

@@ -34,6 +34,8 @@ RUN_FLAGS = [
     ("--save-every", int, "steps between resumable checkpoints (0 = off; a multiple of --log-every)"),
     ("--keep-last", int, "resumable checkpoints to keep"),
     ("--peak-tflops", float, "device peak for the MFU estimate (default: datasheet or measured)"),
+    ("--time-budget", float, "end the run after this many seconds of training steps, the cosine schedule "
+                             "fitted to it (--steps stays an upper bound; 0 = off)"),
 ]
 OPTIM_FLAGS = [
     ("--lr", float, "peak learning rate"),
@@ -54,6 +56,8 @@ DATA_FLAGS = [
     ("--rehearsal", float, "sft: share of pretraining documents mixed in (0.08)"),
     ("--interleave", int, "documents packed at once, each row continuing a random one, so a long file "
                           "spreads over many steps (8; 1 = in order)"),
+    ("--data-workers", int, "processes that tokenize and pack batches, for a GPU that outruns one thread "
+                            "(0 = one background thread; resume with the same number)"),
 ]
 
 
@@ -64,11 +68,23 @@ def add_parser(subparsers) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    actions = p.add_subparsers(dest="train_action", metavar="plot")
+    actions = p.add_subparsers(dest="train_action", metavar="plot | val-loss")
     plot = actions.add_parser("plot", help="render RUN_DIR/metrics.jsonl as a PNG of the loss curves")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     plot.add_argument("--png", type=Path, default=None, help="output file (default: RUN_DIR/loss.png)")
     plot.set_defaults(func=run_plot)
+    loss = actions.add_parser("val-loss", help="a model's loss on a corpus split, rows drawn as training "
+                                               "validates (compare models that share a tokenizer)")
+    loss.add_argument("model", metavar="MODEL_DIR")
+    loss.add_argument("--corpus", required=True, metavar="DIR", help="corpus from `codellm data build`")
+    loss.add_argument("--split", default="val", choices=("train", "val"))
+    loss.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    loss.add_argument("--rows", type=int, default=8, help="rows per batch (default 8)")
+    loss.add_argument("--batches", type=int, default=16, help="batches scored (default 16)")
+    loss.add_argument("--fim-rate", type=float, default=0.9, help="share of infilling examples, as training (0.9)")
+    loss.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    loss.add_argument("--json", action="store_true", help="print one JSON object")
+    loss.set_defaults(func=run_val_loss)
 
     p.add_argument("--stage", choices=STAGES, help="which Code Llama stage's preset to start from")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -79,6 +95,8 @@ def configure(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
     g = p.add_argument_group("flags")
     g.add_argument("--fsdp", action="store_const", const=True, help="shard the model across ranks (FSDP)")
+    g.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the forward and loss (GPU: faster steps after a compile of ~1 min)")
     g.add_argument("--lang", dest="langs", action="append", metavar="LANG",
                    help="keep documents of this language, e.g. python (repeatable)")
     g.add_argument("--sft-data", action="append", metavar="FILE",
@@ -90,7 +108,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     names = [f.lstrip("-").replace("-", "_") for f, _, _ in RUN_FLAGS + OPTIM_FLAGS + DATA_FLAGS]
-    names += ["fsdp", "langs", "sft_data", "mine_docstrings"]
+    names += ["fsdp", "compile", "langs", "sft_data", "mine_docstrings"]
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -117,6 +135,24 @@ def saved_config(out: str | None) -> TrainConfig:
     if not path.is_file():
         raise UserError(f"--resume: {path} does not exist")
     return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+def run_val_loss(args: argparse.Namespace) -> None:
+    from codellm.train.loop import corpus_loss
+
+    for name in ("seq_len", "rows", "batches"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    if not 0 <= args.fim_rate <= 1:
+        raise UserError(f"--fim-rate {args.fim_rate}: must be in [0, 1]")
+    loss, tokens = corpus_loss(args.model, args.corpus, args.seq_len, args.batches, args.rows, args.device,
+                               args.fim_rate, args.split)
+    if args.json:
+        print(json.dumps({"model": args.model, "corpus": args.corpus, "split": args.split, "loss": loss,
+                          "tokens": tokens, "seq_len": args.seq_len, "fim_rate": args.fim_rate}))
+    else:
+        print(f"{args.model}: {args.split} loss {loss:.4f} nats/token over {tokens:,} tokens "
+              f"(seq_len {args.seq_len}, fim_rate {args.fim_rate})")
 
 
 def run_plot(args: argparse.Namespace) -> None:

@@ -40,6 +40,7 @@ class DataConfig:
     mined_share: float = 0.5  # sft: share of mined pairs among SFT examples when --sft-data is given
     rehearsal: float = 0.0  # share of pretraining documents mixed into SFT (the paper: 6% code + 2% NL)
     interleave: int = 8  # documents packed at once, rows continuing a random one (SFT packs 1 at a time)
+    data_workers: int = 0  # processes that tokenize and pack (feeders.WorkerPool); 0 = one background thread
 
 
 @dataclass
@@ -64,6 +65,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3  # training-state checkpoints to keep
     peak_tflops: float | None = None  # device peak for the MFU estimate; None = look up or measure
+    compile: bool = False  # torch.compile the forward + loss (worth it on a GPU; the first step compiles)
+    time_budget: float = 0.0  # seconds of optimizer steps after which the run ends, cosine fitted to it; 0 = off
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -83,7 +86,8 @@ class TrainConfig:
             "lr": self.optim.lr > 0, "warmup_steps": self.optim.warmup_steps >= 0,
             "fim_rate": 0 <= self.data.fim_rate <= 1, "spm_rate": 0 <= self.data.spm_rate <= 1,
             "rehearsal": 0 <= self.data.rehearsal < 1, "mined_share": 0 <= self.data.mined_share <= 1,
-            "interleave": self.data.interleave >= 1,
+            "interleave": self.data.interleave >= 1, "data_workers": self.data.data_workers >= 0,
+            "time_budget": self.time_budget >= 0,
             "log_every": self.log_every > 0, "eval_every": self.eval_every >= 0,
             "save_every": self.save_every >= 0, "keep_last": self.keep_last >= 1,
             "precision": self.precision in ("auto", "bf16", "fp32"),

@@ -78,10 +78,18 @@ def no_grad_sync(wrapped: nn.Module, sync: bool):
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    return _all_reduce(values, d, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float], d: Dist) -> list[float]:
+    return _all_reduce(values, d, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], d: Dist, op) -> list[float]:
     if d.world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

@@ -26,17 +26,19 @@ from codellm.errors import UserError
 from codellm.model import Transformer
 from codellm.tokenizer import Tokenizer, load_tokenizer
 from codellm.train import checkpoints, distributed
-from codellm.train.batches import Packer, Prefetcher, make_batches
+from codellm.train.batches import make_batches
 from codellm.train.config import OptimConfig, TrainConfig
 from codellm.train.distributed import Dist
+from codellm.train.feeders import Prefetcher, WorkerPool
 from codellm.train.progress import MetricsLog, flops_per_token, peak_flops, progress_line
 
 
-def lr_at(step: int, steps: int, o: OptimConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based)."""
+def lr_at(step: int, steps: int, o: OptimConfig, time_done: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (0-based). With a time budget, `time_done` (the share of it
+    spent) moves the cosine too: the schedule follows whichever of steps and time runs out first."""
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+    progress = max((step - o.warmup_steps) / max(1, steps - o.warmup_steps), min(time_done, 1.0))
     low = o.lr * o.min_lr_ratio
     return low + 0.5 * (o.lr - low) * (1 + math.cos(math.pi * progress))
 
@@ -88,7 +90,7 @@ def loss_sum(model: nn.Module, tokens: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, micro: list[tuple[torch.Tensor, torch.Tensor]],
-               grad_clip: float, d: Dist, autocast) -> tuple[torch.Tensor, float, torch.Tensor]:
+               grad_clip: float, d: Dist, autocast, loss_fn=loss_sum) -> tuple[torch.Tensor, float, torch.Tensor]:
     """One optimizer step over the micro-batches (tokens, weights) of this rank; returns (summed weighted
     loss on this rank, the weight over all ranks, the gradient norm before clipping)."""
     accum = len(micro)
@@ -97,7 +99,7 @@ def train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, micro: list[tuple
     for i, (tokens, weights) in enumerate(micro):
         tokens, weights = tokens.to(d.device, non_blocking=True), weights.to(d.device, non_blocking=True)
         with distributed.no_grad_sync(wrapped, sync=i == accum - 1), autocast():
-            loss = loss_sum(wrapped, tokens, weights)
+            loss = loss_fn(wrapped, tokens, weights)
         # DDP/FSDP average gradients over ranks; the token mean over all ranks needs x world
         (loss * (d.world / max(count, 1.0))).backward()
         total += loss.detach()
@@ -108,9 +110,10 @@ def train_step(wrapped: nn.Module, opt: torch.optim.Optimizer, micro: list[tuple
 
 
 @torch.no_grad()
-def evaluate(wrapped: nn.Module, cfg: TrainConfig, tok: Tokenizer, seq_len: int, d: Dist, autocast) -> float | None:
+def evaluate(wrapped: nn.Module, cfg: TrainConfig, tok: Tokenizer, seq_len: int, d: Dist, autocast,
+             split: str = "val") -> float | None:
     """Mean loss over `eval_batches` micro-batches of the val split (the same ones every time)."""
-    batches = make_batches(cfg, tok, seq_len, "val", d.rank, d.world)
+    batches = make_batches(cfg, tok, seq_len, split, d.rank, d.world)
     if batches is None:
         return None
     wrapped.eval()
@@ -123,6 +126,24 @@ def evaluate(wrapped: nn.Module, cfg: TrainConfig, tok: Tokenizer, seq_len: int,
     wrapped.train()
     total, count = distributed.all_reduce_sum([total, count], d)
     return total / max(count, 1.0)
+
+
+def corpus_loss(model_dir: str, corpus: str, seq_len: int, batches: int, rows: int, device: str | None,
+                fim_rate: float = 0.9, split: str = "val", seed: int = 0) -> tuple[float, int]:
+    """(mean loss in nats per target token, tokens scored) of a saved model on a corpus split, the way
+    training validates: the same rows for any model with the same tokenizer, so two models compare."""
+    d = distributed.Dist(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    model = load_model(model_dir, dtype="float32").to(d.device)
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context {model.cfg.max_seq_len}")
+    cfg = TrainConfig(stage="pretrain", init=model_dir, micro_batch_size=rows, eval_batches=batches, seed=seed)
+    cfg.data.corpus, cfg.data.fim_rate = corpus, fim_rate
+    bf16 = d.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    loss = evaluate(model, cfg, load_tokenizer(model_dir), seq_len, d, autocast, split)
+    if loss is None:
+        raise UserError(f"--corpus {corpus}: no {split} documents")
+    return loss, batches * rows * seq_len
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -148,11 +169,18 @@ class Run:
     model: Transformer  # unwrapped (under FSDP, sharded in place)
     wrapped: nn.Module  # what forward/backward go through: the model, DDP or FSDP
     opt: torch.optim.Optimizer
-    batches: Prefetcher
+    batches: Prefetcher | WorkerPool
     accum: int  # micro-batches per optimizer step on each rank
     resumed_from: Path | None
     step: int = 0
     tokens: int = 0
+    train_seconds: float = 0.0  # time in optimizer steps (not evals, saves, or a --compile first step)
+    loss_fn: object = loss_sum  # loss_sum, or its torch.compile'd version
+
+    @property
+    def time_done(self) -> float:
+        """Share of --time-budget spent (0 without one)."""
+        return self.train_seconds / self.cfg.time_budget if self.cfg.time_budget else 0.0
 
     @property
     def run_dir(self) -> Path:
@@ -192,13 +220,26 @@ def _setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     wrapped = distributed.wrap(model.to(d.device).train(), d, cfg.fsdp)
     o = cfg.optim  # the optimizer comes after wrapping: FSDP replaces the parameters
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    packer = make_batches(cfg, tok, cfg.data.seq_len, "train", d.rank, d.world)
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            fused=d.device.type == "cuda")  # one kernel for all parameters
     step = tokens = 0
+    train_seconds, data_state = 0.0, None
     if ckpt is not None:
-        step, tokens = _restore(ckpt, model, opt, packer, cfg, d)
-    batches = Prefetcher(packer, cfg.micro_batch_size, accum, pin=d.device.type == "cuda")
-    return Run(cfg, d, tok, model, wrapped, opt, batches, accum, ckpt, step, tokens)
+        step, tokens, train_seconds, data_state = _restore(ckpt, model, opt, cfg, d)
+    batches = _feeder(cfg, tok, d, accum, data_state)
+    loss_fn = torch.compile(loss_sum) if cfg.compile else loss_sum
+    return Run(cfg, d, tok, model, wrapped, opt, batches, accum, ckpt, step, tokens, train_seconds, loss_fn)
+
+
+def _feeder(cfg: TrainConfig, tok: Tokenizer, d: Dist, accum: int, state: dict | None) -> Prefetcher | WorkerPool:
+    pin = d.device.type == "cuda"
+    if cfg.data.data_workers:
+        return WorkerPool(cfg, str(Path(cfg.tokenizer or cfg.init)), cfg.data.seq_len, d.rank, d.world,
+                          cfg.micro_batch_size, accum, cfg.data.data_workers, pin, state)
+    packer = make_batches(cfg, tok, cfg.data.seq_len, "train", d.rank, d.world)
+    if state is not None:
+        packer.load_state_dict(state)
+    return Prefetcher(packer, cfg.micro_batch_size, accum, pin)
 
 
 def _loop(run: Run) -> Path:
@@ -211,33 +252,44 @@ def _loop(run: Run) -> Path:
               f" | {'bf16' if run.bf16 else 'fp32'} | peak {peak / 1e12:.3g} TFLOP/s ({source})"
               + (f" | resumed at step {run.step}" if run.resumed_from else ""))
     window = _Window()
-    while run.step < cfg.steps:
-        lr = lr_at(run.step, cfg.steps, cfg.optim)
+    first = run.step
+    while run.step < cfg.steps and run.time_done < 1.0:
+        lr = lr_at(run.step, cfg.steps, cfg.optim, run.time_done)
         for group in run.opt.param_groups:
             group["lr"] = lr
+        started = time.perf_counter()
         total, count, norm = train_step(run.wrapped, run.opt, run.batches.next_step(), cfg.optim.grad_clip, d,
-                                        run.autocast)
+                                        run.autocast, run.loss_fn)
+        if cfg.time_budget:  # the clock needs the step finished; ranks agree on it so they stop together
+            float(norm)
+            (elapsed,) = distributed.all_reduce_max([time.perf_counter() - started], d)
+            run.train_seconds += elapsed if not (cfg.compile and run.step == first) else 0.0
         run.step, run.tokens = run.step + 1, run.tokens + cfg.batch_tokens
         window.add(total, count)
         step = run.step
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        last = step == cfg.steps or run.time_done >= 1.0
+        if step % cfg.log_every == 0 or last:
             loss, tok_s = window.flush(d, cfg.batch_tokens)
-            mfu, eta = flops * tok_s / (peak * d.world), (cfg.steps - step) * cfg.batch_tokens / tok_s
+            mfu = flops * tok_s / (peak * d.world)
+            eta = (cfg.steps - step) * cfg.batch_tokens / tok_s
+            if cfg.time_budget:
+                eta = min(eta, cfg.time_budget - run.train_seconds)
             log.print(progress_line(step, cfg.steps, loss, lr, tok_s, mfu, eta))
             log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": run.tokens,
                        "tok_s": tok_s, "mfu": mfu})
         paused = time.perf_counter()
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             val = evaluate(run.wrapped, cfg, run.tok, cfg.data.seq_len, d, run.autocast)
             if val is not None:
                 log.print(f"eval {step:0{max(5, len(str(cfg.steps)))}d}/{cfg.steps} | val_loss {val:.3f}")
                 log.write({"step": step, "val_loss": val, "tokens": run.tokens})
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+        if cfg.save_every and step % cfg.save_every == 0 and not last:
             _save(run)
         window.exclude(time.perf_counter() - paused)
     final = distributed.full_model(run.model, cfg.fsdp, d)
     if d.main:
-        info = {"config": cfg.to_dict(), "steps": run.step, "tokens": run.tokens}
+        info = {"config": cfg.to_dict(), "steps": run.step, "tokens": run.tokens,
+                "train_seconds": round(run.train_seconds, 1)}
         save_model(final, run.run_dir / "final", tokenizer_dir=run.tok_dir,
                    extra_files={"training.json": json.dumps(info, indent=2) + "\n"})
         log.print(f"saved {run.run_dir / 'final'}")
@@ -272,19 +324,20 @@ def _save(run: Run) -> None:
     opt_state = distributed.optimizer_state(run.model, run.opt, cfg.fsdp)
     ranks = distributed.gather({"data": run.batches.state_dict(), **checkpoints.rng_states()}, d)
     if d.main:
-        checkpoints.save_checkpoint(run.run_dir, run.step, full, opt_state, ranks, {"tokens": run.tokens},
-                                    run.tok_dir, cfg.keep_last)
+        checkpoints.save_checkpoint(run.run_dir, run.step, full, opt_state, ranks,
+                                    {"tokens": run.tokens, "train_seconds": run.train_seconds}, run.tok_dir,
+                                    cfg.keep_last)
     distributed.barrier(d)
 
 
-def _restore(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, packer: Packer, cfg: TrainConfig,
-             d: Dist) -> tuple[int, int]:
-    """Optimizer, data position and RNGs of `ckpt` (the weights were loaded with the model)."""
+def _restore(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+             d: Dist) -> tuple[int, int, float, dict]:
+    """Optimizer and RNGs of `ckpt` (the weights were loaded with the model); returns (step, tokens,
+    train seconds, this rank's data state) for the feeder."""
     state, opt_state, rng = checkpoints.load_checkpoint(ckpt, d.rank, d.device)
     if state["world"] != d.world:
         raise UserError(f"{ckpt} was written by {state['world']} rank(s); resume with the same number "
                         f"(now {d.world}) so every rank continues its own slice of the data")
     distributed.load_optimizer_state(model, opt, opt_state, cfg.fsdp)
-    packer.load_state_dict(state["ranks"][d.rank]["data"])
     checkpoints.set_rng_states(rng)
-    return state["step"], state["tokens"]
+    return state["step"], state["tokens"], state.get("train_seconds", 0.0), state["ranks"][d.rank]["data"]
