@@ -15,7 +15,7 @@ from codellm.eval.cli import BENCHMARK_DATA
 from codellm.eval.execution import STATUSES
 from codellm.eval.generators import truncate
 from codellm.eval.passk import pass_at_k, pass_at_ks
-from codellm.eval.tasks import HumanEval, Infilling
+from codellm.eval.tasks import HumanEval, Infilling, implements
 from codellm.sandbox import Limits, Sandbox
 from tests.conftest import needs_cxx
 
@@ -126,6 +126,21 @@ def test_execute_cli_writes_results_and_summary(tmp_path):
     assert summary["pass_at_k"]["pass@1"] == pytest.approx(sum(r["passed"] for r in results) / 18)
     assert summary["sandbox"]["network_namespace"] in (True, False) and summary["data_files"]
     assert "pass@10" not in summary["pass_at_k"]  # n = 6 < 10
+    formed = [HumanEval().well_formed(HumanEval().problem(r["task_id"]), r["completion"]) for r in results]
+    assert summary["well_formed"] == pytest.approx(sum(formed) / 18)
+
+
+def test_well_formed_needs_a_body_beyond_the_docstring():
+    prompt = 'def f(x):\n    """Double x."""\n'
+    assert implements(prompt + "    return 2 * x\n", "f")
+    assert implements(prompt + "    y = x\n    # done\n    return y + y\n", "f")
+    assert not implements(prompt + "    # return 2 * x\n", "f")  # only a comment
+    assert not implements(prompt + "    pass\n", "f") and not implements(prompt + "    ...\n", "f")
+    assert not implements(prompt + "    return (\n", "f")  # does not parse
+    assert not implements(prompt + "def g():\n    return 1\n", "f")  # another function, f has no body
+    task = HumanEval()
+    p = task.problems[0]
+    assert task.well_formed(p, p.reference) and not task.well_formed(p, "\n")
 
 
 def test_resume_and_identical_programs_run_once(tmp_path, monkeypatch):

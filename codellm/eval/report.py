@@ -66,13 +66,14 @@ def markdown(summaries: list[dict], png: Path, where: Path) -> str:
             label(s),
             f"{s['problems']}/{s['problems_in_task']}",
             f"{100 * s['pass_at_k']['pass@1']:.1f}" if "pass@1" in s["pass_at_k"] else "-",
+            f"{100 * s['well_formed']:.0f}" if "well_formed" in s else "-",
             statuses(s),
             _seconds(s),
         ]
         for s in summaries
     ]
     total = sum(s.get("seconds", 0.0) for s in summaries)
-    rows.append(["**total**", str(sum(s["problems"] for s in summaries)), "", "", f"{total:.0f}"])
+    rows.append(["**total**", str(sum(s["problems"] for s in summaries)), "", "", "", f"{total:.0f}"])
     models = ", ".join(dict.fromkeys(model_name(s) for s in summaries))
     sandboxes = "; ".join(dict.fromkeys(s["sandbox"]["note"] for s in summaries))
     settings = summaries[0].get("params") or {}
@@ -83,7 +84,10 @@ def markdown(summaries: list[dict], png: Path, where: Path) -> str:
             f"Model: {models}. Decoding: n={settings.get('n', '?')}, temperature {settings.get('temperature', '?')} "
             "(0 = greedy pass@1). Sandbox: " + sandboxes + ".",
             "",
-            _markdown_table(["task", "problems", "pass@1 (%)", "statuses", "seconds"], rows),
+            _markdown_table(["task", "problems", "pass@1 (%)", "well-formed (%)", "statuses", "seconds"], rows),
+            "",
+            "Well-formed: the completion parses as Python and gives the function a body beyond its docstring "
+            "(not only a comment or `pass`); HumanEval only.",
             "",
             f"![pass@1 per task]({os.path.relpath(png, where)})",
             "",

@@ -137,11 +137,14 @@ def summarize(task: Task, results: list[dict], sandbox: Sandbox, limits: Limits,
         counts[r["task_id"]][0] += 1
         counts[r["task_id"]][1] += r["passed"]
     ns = [n for n, _ in counts.values()]
+    forms = [task.well_formed(task.problem(r["task_id"]), r["completion"]) for r in results]
     return {
         "task": task.name,
         "language": task.language,
         **info,
         "pass_at_k": pass_at_ks({t: (n, c) for t, (n, c) in counts.items()}),
+        # share of completions that implement the function in form (parse, body beyond the docstring)
+        **({"well_formed": sum(forms) / len(forms)} if forms and None not in forms else {}),
         "problems": len(counts),
         "problems_in_task": len(task.problems),
         "samples": len(results),

@@ -9,6 +9,7 @@ on load, and every data file is reported with its sha256.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import importlib.util
@@ -83,7 +84,7 @@ class Task:
             raise UserError(f"{self.name} needs --data-dir (the folder with {name})")
         path = self.data_dir / name
         if not path.is_file():
-            raise UserError(f"{self.name}: data file {path} is missing (see shared/data/SOURCES.md)")
+            raise UserError(f"{self.name}: data file {path} is missing (see codellm/eval/data/SOURCES.md)")
         return path
 
     def _files(self) -> list[Path]:
@@ -94,6 +95,25 @@ class Task:
 
     def program(self, problem: Problem, completion: str) -> Program:
         raise NotImplementedError
+
+    def well_formed(self, problem: Problem, completion: str) -> bool | None:
+        """Whether a completion is a real attempt in form (tasks that can tell; None elsewhere)."""
+        return None
+
+
+def implements(source: str, name: str) -> bool:
+    """`source` parses as Python and its function `name` has a body beyond its docstring: a statement
+    other than `pass` or `...` (a completion that is only a comment or blank lines does not count)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            return any(not (isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(
+                stmt.value, ast.Constant) and stmt.value.value is Ellipsis)) for stmt in body)
+    return False
 
 
 class HumanEval(Task):
@@ -124,6 +144,9 @@ class HumanEval(Task):
 
     def program(self, problem: Problem, completion: str) -> Program:
         return Program("py", problem.prompt + completion, _check(problem.row))
+
+    def well_formed(self, problem: Problem, completion: str) -> bool:
+        return implements(problem.prompt + completion, problem.row["entry_point"])
 
 
 class MBPP(Task):
