@@ -74,7 +74,7 @@ def bundle(run: str, out: str) -> None:
             summary["packages"] = [{k: p[k] for k in ("name", "license", "permissive", "kept", "bytes", "split")}
                                    for p in m["packages"]]
             _add_text(tar, "corpus/manifest.json", json.dumps(summary, indent=1))
-        for f in sorted(run_dir.glob("*.tsv")) + sorted(run_dir.glob("*.json")) + sorted(run_dir.glob("*.log")):
+        for f in sorted(f for ext in ("tsv", "json", "log", "txt") for f in run_dir.glob(f"*.{ext}")):
             tar.add(f, f.name)
     part.rename(out_dir / "records.tar.gz")
 

@@ -38,11 +38,14 @@ else
     SOURCES=${SOURCES:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')} STDLIB=(--stdlib)
     DATA_WORKERS=${DATA_WORKERS:-8} COMPILE=(--compile) EVAL_EVERY=200 SAVE_EVERY=200 LOG_EVERY=20 WARMUP=100
     LR=${LR:-1.5e-3} VAL_ROWS=16 VAL_BATCHES=32
-    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/device.txt" || true
     PEAK=(--peak-tflops "$($PY runs/gpu_default.py peak)")
 fi
-echo "gpu_default: device $DEVICE | $($PY -c 'import torch; print("torch", torch.__version__)') | preset $PRESET" \
-     "| sources $SOURCES | ${PEAK[*]}"
+printf '%s | %s CPU cores | %s | bf16 matmul measured: %s TFLOP/s\n' "$(cat "$RUN/device.txt" 2>/dev/null || echo cpu)" \
+    "$(nproc)" "$($PY -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__)')" \
+    "${PEAK[1]}" > "$RUN/device.txt"
+cat "$RUN/device.txt"
+echo "gpu_default: device $DEVICE | preset $PRESET | sources $SOURCES"
 stage() {  # name, then the command; wall seconds per stage into $RUN/times.tsv
     local name=$1 t0=$SECONDS rc=0; shift
     echo "== $name"
