@@ -35,8 +35,13 @@ def add_model_options(p: argparse.ArgumentParser):
                                                   "bfloat16 on cuda)")
 
 
-def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256):
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256, heal: bool = False):
     g = p.add_argument_group("sampling")
+    if heal:  # left-to-right prompts only: infilling and chat prompts end in their own tokens
+        g.add_argument("--no-heal", action="store_true",
+                       help="turn off token healing (default on: when the prompt ends inside what the tokenizer "
+                            "merges, e.g. a newline before an indented line, its last token is backed off and "
+                            "the model picks the merged token)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -71,7 +76,7 @@ def sampling_params(args):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(args.stop))
+                          stop=tuple(args.stop), heal=hasattr(args, "no_heal") and not args.no_heal)
 
 
 def load(args, instruct: bool = False):
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="left-to-right completion of a prompt")
     p.add_argument("prompt", nargs="?", help="prompt text (default: standard input)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    add_model_options(p), add_sampling_options(p), add_engine_options(p)
+    add_model_options(p), add_sampling_options(p, heal=True), add_engine_options(p)
     p.set_defaults(func=cmd_complete)
 
     p = sub.add_parser("infill", help="fill the middle between a prefix and a suffix (<PRE> <SUF> <MID>)")

@@ -7,6 +7,7 @@ in small pieces the engine and server reuse.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ class SamplingParams:
     # engine only: put each sampled token's log-probability on its event, and the `logprobs` likeliest
     # alternatives (0: none); None: compute nothing. Raw model distribution: before penalty and temperature.
     logprobs: int | None = None
+    # token healing: back off the prompt's last token when longer tokens start with its text (a prompt that
+    # ends in "\n" before a tokenizer's "\n    " tokens), and let the first new token start with that text
+    heal: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -90,10 +94,46 @@ def make_generator(seed: int | None, device="cpu") -> torch.Generator:
     return gen
 
 
+@dataclass(frozen=True)
+class Healing:
+    """A healed prompt's backed-off text, and the tokens the first new token may be (their text starts
+    with it); the text is already in the caller's prompt, so it is not output again."""
+
+    text: str
+    allowed: tuple[int, ...]
+
+
+_token_texts: dict[int, list[str]] = {}  # id(tokenizer) -> text of every token as a continuation
+
+
+def heal_prompt(tok, ids: list[int]) -> tuple[list[int], Healing | None]:
+    """Token healing (Lundberg 2023, guidance): a prompt that ends inside what the tokenizer would merge
+    with the next text (e.g. "\n" where training text has "\n   " + " return") ends on a token the model
+    rarely saw followed by code. Back off that token and constrain the first new one to start with its
+    text, so the model picks the merged token itself. Prompts whose last token no longer token extends
+    are left as they are."""
+    if len(ids) < 2 or tok.is_special(ids[-1]):
+        return ids, None
+    texts = _token_texts.get(id(tok))
+    if texts is None:
+        texts = _token_texts[id(tok)] = [tok.decode_continuation([i]) for i in range(tok.vocab_size)]
+    tail = texts[ids[-1]]
+    if not tail or "\ufffd" in tail:  # a piece of a multi-byte character: no text to match
+        return ids, None
+    allowed = tuple(i for i, t in enumerate(texts) if t.startswith(tail) and not tok.is_special(i))
+    return (ids[:-1], Healing(tail, allowed)) if len(allowed) > 1 else (ids, None)
+
+
+def restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits (vocab,) with every token outside `allowed` (ids) at -inf."""
+    return torch.full_like(logits, float("-inf")).index_copy_(0, allowed, logits[allowed])
+
+
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                    stop_ids: set[int]) -> Iterator[int]:
-    """Yield new token ids until a stop id (yielded too), max_new_tokens or the end of the context."""
+                    stop_ids: set[int], first_allowed: tuple[int, ...] | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (yielded too), max_new_tokens or the end of the context;
+    `first_allowed` restricts the first one (token healing)."""
     cfg = model.cfg
     check_prompt_fits(len(prompt_ids), cfg.max_seq_len)
     device = next(model.parameters()).device
@@ -103,8 +143,11 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingP
     tokens = torch.tensor([prompt_ids], device=device)
     context = tokens[0]
     positions = torch.arange(len(prompt_ids), device=device)[None]
+    allowed = torch.tensor(first_allowed, device=device) if first_allowed else None
     for _ in range(total - len(prompt_ids)):
         logits = model(tokens, positions, cache, last_only=True)[0, -1]
+        if allowed is not None:
+            logits, allowed = restrict(logits, allowed), None
         token = sample_next(logits, params, generator, context)
         yield token
         if token in stop_ids:
@@ -178,22 +221,29 @@ class TextStream:
     `stream_text` (pull) and the engine (push, one request among many).
     """
 
-    def __init__(self, tok, params: SamplingParams):
+    def __init__(self, tok, params: SamplingParams, healed: str = ""):
         self.ends = {tok.eos_id: "eos"} | ({tok.eot_id: "eot"} if tok.eot_id is not None else {})
         self.stop_ids = set(self.ends) | set(params.stop_ids)
         self.decoder, self.matcher = tok.stream_decoder(), StopMatcher(params.stop)
+        self.healed = healed  # the text of a healed prompt's backed-off token: in the prompt, not output
+
+    def _decoded(self, text: str) -> str:
+        if self.healed:
+            n = len(os.path.commonprefix([text, self.healed]))
+            text, self.healed = text[n:], self.healed[n:]
+        return text
 
     def push(self, token: int) -> Event:
         if token in self.stop_ids:
             return self.finish(self.ends.get(token, "stop"), token)
-        text = self.matcher.push(self.decoder.push(token))
+        text = self.matcher.push(self._decoded(self.decoder.push(token)))
         if self.matcher.matched is not None:
             return Event(token, text, True, "stop", self.matcher.matched)
         return Event(token, text)
 
     def finish(self, reason: str, token: int | None = None) -> Event:
         """Last event: whatever text the decoder and the matcher still hold (a stop string may end it)."""
-        text = self.matcher.push(self.decoder.flush())
+        text = self.matcher.push(self._decoded(self.decoder.flush()))
         if self.matcher.matched is not None:
             return Event(token, text, True, "stop", self.matcher.matched)
         return Event(token, text + self.matcher.flush(), True, reason)
@@ -201,8 +251,10 @@ class TextStream:
 
 def stream_text(model: Transformer, tok, prompt_ids: list[int], params: SamplingParams) -> Iterator[Event]:
     """Generate from `prompt_ids`, yielding text deltas; EOS and EOT end the stream."""
-    stream = TextStream(tok, params)
-    for token in generate_tokens(model, prompt_ids, params, stream.stop_ids):
+    prompt_ids, healing = heal_prompt(tok, prompt_ids) if params.heal else (prompt_ids, None)
+    stream = TextStream(tok, params, healing.text if healing else "")
+    allowed = healing.allowed if healing else None
+    for token in generate_tokens(model, prompt_ids, params, stream.stop_ids, allowed):
         event = stream.push(token)
         yield event
         if event.finished:

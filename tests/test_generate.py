@@ -1,5 +1,7 @@
 """The reference generator: parity with transformers.generate, sampling rules, stops, streaming."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -135,3 +137,45 @@ def test_infill_stops_at_eot_and_returns_only_the_middle(model_and_tok):
     events = list(generate.infill(scripted, tok, "def add(a, b):\n   ", "\n", SamplingParams(max_new_tokens=50)))
     assert "".join(e.text for e in events) == middle
     assert events[-1] == Event(tok.eot_id, "", True, "eot")
+
+
+@pytest.fixture(scope="module")
+def shipped_tok():
+    """The shipped default tokenizer: byte-level BPE that merges a newline with the next line's indent."""
+    return load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "default")
+
+
+def test_token_healing_backs_off_a_token_that_longer_tokens_extend(shipped_tok):
+    tok = shipped_tok
+    ids = tok.encode('def f(x):\n    """Double x."""\n', bos=True)
+    healed, healing = generate.heal_prompt(tok, ids)
+    assert healed == ids[:-1] and healing.text == "\n"
+    texts = [tok.decode_continuation([i]) for i in healing.allowed]
+    assert all(t.startswith("\n") for t in texts) and "\n   " in texts  # newline + indent: one token
+    assert generate.heal_prompt(tok, [tok.bos_id]) == ([tok.bos_id], None)  # nothing to back off
+    eot = tok.encode("x", bos=True) + [tok.eot_id]
+    assert generate.heal_prompt(tok, eot) == (eot, None)  # special tokens stay
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_healed_generation_engine_equals_reference_and_never_repeats_the_prompt(shipped_tok):
+    from codellm.engine import Engine
+    from tests.conftest import tiny_model
+
+    tok, model = shipped_tok, tiny_model(shipped_tok.vocab_size)
+    prompts = ["def f(x):\n", "import os\n\n", "x = [1, 2,"]
+    for prompt in prompts:
+        ids = tok.encode(prompt, bos=True)
+        for params in (SamplingParams(max_new_tokens=6, heal=True),
+                       SamplingParams(max_new_tokens=6, heal=True, temperature=0.9, seed=3)):
+            events = list(generate.stream_text(model, tok, ids, params))
+            ref_ids = [e.token_id for e in events if e.token_id is not None]
+            ref_text = "".join(e.text for e in events)
+            engine = Engine(model, tok, max_batch=2)
+            got = engine.generate([ids, tok.encode("y = 2", bos=True)], [params, SamplingParams(max_new_tokens=3)])
+            assert got[0].token_ids == ref_ids and got[0].text == ref_text
+            healed, healing = generate.heal_prompt(tok, ids)
+            if healing is not None:  # the first token starts with the backed-off text, which is not output
+                assert ref_ids[0] in healing.allowed
+                full = tok.decode_continuation(ref_ids)
+                assert full.startswith(healing.text) and ref_text == full[len(healing.text):]

@@ -55,7 +55,7 @@ from codellm.engine.kv_cache import SlotKVCache
 from codellm.engine.sampler import sample_rows, token_logprobs
 from codellm.engine.scheduler import Request, Scheduler
 from codellm.errors import UserError
-from codellm.generate import Event, SamplingParams, TextStream, check_prompt_fits, make_generator
+from codellm.generate import Event, SamplingParams, TextStream, check_prompt_fits, heal_prompt, make_generator
 from codellm.model import Transformer
 
 
@@ -106,10 +106,14 @@ class Engine:
 
     def submit(self, prompt: list[int] | str, params: SamplingParams) -> int:
         """Queue a request (a str is encoded with BOS); errors a caller can fix raise here, at once."""
-        ids = self._encode(prompt)
+        ids, healing = self._encode(prompt), None
+        if params.heal and not isinstance(self.tok, _IdsOnly):
+            ids, healing = heal_prompt(self.tok, ids)
         limit = self._check(ids, params)
-        req = Request(next(self._ids), list(ids), len(ids), params, limit, TextStream(self.tok, params),
-                      make_generator(params.seed, self.device))
+        req = Request(next(self._ids), list(ids), len(ids), params, limit,
+                      TextStream(self.tok, params, healing.text if healing else ""),
+                      make_generator(params.seed, self.device),
+                      torch.tensor(healing.allowed, device=self.device) if healing else None)
         self._inbox.append(("submit", req))
         self.wake()
         return req.id

@@ -37,6 +37,7 @@ class Request:
     limit: int  # generation ends ("length") when len(tokens) reaches this
     text: TextStream
     generator: torch.Generator  # this request's own RNG: its draws do not depend on the batch
+    first_allowed: torch.Tensor | None = None  # token healing: the ids the first new token may be
     slot: int = -1
     n_computed: int = 0  # the KV of tokens[:n_computed] is in the slot
 

@@ -69,7 +69,7 @@ def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     from codellm.cli import add_model_options, add_sampling_options
 
     add_model_options(p)
-    add_sampling_options(p, max_new_tokens=max_new_tokens)
+    add_sampling_options(p, max_new_tokens=max_new_tokens, heal=True)
     g = p.add_argument_group("generation")
     g.add_argument("--n", type=int, default=1, help="samples per problem (default 1: greedy pass@1)")
     g.add_argument("--batch-size", type=int, default=16, help="requests the local engine runs together")
@@ -153,6 +153,7 @@ def cmd_run(args) -> None:
         "repetition_penalty": params.repetition_penalty,
         "seed": params.seed,
         "extra_stop": list(params.stop),
+        "heal": params.heal and not task.name.startswith("infill"),  # local generation of completions only
     }
     _check_resume(out / "config.json", settings)
     samples = generate_samples(task, generator, params, args.n, problems, out / "samples.jsonl", order)

@@ -104,7 +104,9 @@ class LocalGenerator(_Streaming):
     def stream(self, prompts: list[PromptSpec], params: SamplingParams, n: int) -> Iterator[tuple[int, list[str]]]:
         ids = [self._ids(spec, params) for spec in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-        each = [replace(params, stop=prompts[i].stop, seed=sample_seed(params, prompts[i], j)) for i, j in jobs]
+        # token healing applies to left-to-right prompts; infilling prompts end in <MID> (or the prefix, in SPM)
+        each = [replace(params, stop=prompts[i].stop, seed=sample_seed(params, prompts[i], j),
+                        heal=params.heal and prompts[i].suffix is None) for i, j in jobs]
         gather = _Gather(prompts, n)
         for k, text in self._run([ids[i] for i, _ in jobs], each):
             if (done := gather.add(*jobs[k], text)) is not None:
