@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from codellm.errors import UserError
-from codellm.train.batches import Example, JsonlStream, Mixture, Packer, corpus_files, fim_transform, make_batches
+from codellm.train.batches import (
+    DocumentExamples,
+    Example,
+    JsonlStream,
+    Mixture,
+    Packer,
+    corpus_files,
+    fim_transform,
+    make_batches,
+    row_pieces,
+)
 from codellm.train.config import TrainConfig
 from codellm.train.docstrings import docstring_dialogs
 from tests.train_fixtures import make_corpus
@@ -235,6 +245,37 @@ def test_batch_stream_resumes_exactly(sp, corpus, tmp_path, stage):
     second.load_state_dict(state)
     for (t1, w1), (t2, w2) in zip(expected, [second.next_batch(2) for _ in range(4)], strict=True):
         assert torch.equal(t1, t2) and torch.equal(w1, w2)
+
+
+def test_context_level_fim_cuts_long_documents_into_row_pieces(sp, corpus):
+    long_doc = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300))
+    n = len(sp.encode(long_doc, bos=True, eos=True))
+    pieces = row_pieces(long_doc, n, 128)
+    assert "".join(pieces) == long_doc and len(pieces) > 1 and all(p.endswith("\n") for p in pieces)
+    assert all(len(sp.encode(p, bos=True, eos=True)) <= 128 for p in pieces)
+
+    class OneDoc:  # a document stream of this one long file
+        def __next__(self):
+            return {"text": long_doc}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    kinds = {}
+    for level in ("document", "context"):
+        docs = DocumentExamples(OneDoc(), sp, 127, 1.0, 0.5, seed=0, fim_level=level)
+        kinds[level] = [sp.prefix_id in next(docs).ids for _ in range(40)]
+    assert not any(kinds["document"]) and all(kinds["context"])  # the paper's rule leaves it left-to-right
+    docs = DocumentExamples(OneDoc(), sp, 127, 0.5, 0.5, seed=0, fim_level="context")
+    next(docs), next(docs)
+    state = json.loads(json.dumps(docs.state_dict()))
+    expected = [next(docs).ids for _ in range(5)]
+    again = DocumentExamples(OneDoc(), sp, 127, 0.5, 0.5, seed=0, fim_level="context")
+    again.load_state_dict(state)
+    assert [next(again).ids for _ in range(5)] == expected and state["pieces"]
 
 
 def test_rehearsal_share():

@@ -52,6 +52,8 @@ DATA_FLAGS = [
     ("--seq-len", int, "tokens per training row (default: the model's context)"),
     ("--fim-rate", float, "share of documents made infilling examples (pretrain 0.9, python 0)"),
     ("--spm-rate", float, "share of infilling examples in SPM order (0.5)"),
+    ("--fim-level", str, "document: only documents that fit a row become infilling examples (the paper); "
+                         "context: longer ones are first cut into row-sized pieces (Bavarian et al.)"),
     ("--mined-share", float, "sft: share of docstring-mined dialogs when --sft-data is given (0.5)"),
     ("--rehearsal", float, "sft: share of pretraining documents mixed in (0.08)"),
     ("--interleave", int, "documents packed at once, each row continuing a random one, so a long file "

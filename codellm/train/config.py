@@ -34,6 +34,7 @@ class DataConfig:
     seq_len: int | None = None  # tokens per training row; None = the model's context
     fim_rate: float = 0.9  # share of documents turned into infilling examples
     spm_rate: float = 0.5  # share of infilling examples in SPM order (the rest PSM)
+    fim_level: str = "document"  # document: FIM only for documents that fit a row (paper); context: cut first
     langs: tuple[str, ...] = ()  # keep only documents of these languages; () = all
     sft_data: tuple[str, ...] = ()  # JSONL files of {"system"?, "messages": [...]} dialogs
     mine_docstrings: bool = True  # sft: docstring -> function pairs from the corpus Python files
@@ -91,11 +92,12 @@ class TrainConfig:
             "log_every": self.log_every > 0, "eval_every": self.eval_every >= 0,
             "save_every": self.save_every >= 0, "keep_last": self.keep_last >= 1,
             "precision": self.precision in ("auto", "bf16", "fp32"),
+            "fim_level": self.data.fim_level in ("document", "context"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise UserError(f"invalid training setting(s): {', '.join(bad)} (rates lie in [0, 1], counts "
-                            "are positive, precision is auto|bf16|fp32)")
+                            "are positive, precision is auto|bf16|fp32, fim level document|context)")
         if self.save_every % self.log_every:
             raise UserError(f"--save-every {self.save_every} must be a multiple of --log-every {self.log_every} "
                             "(a resumed run's logged losses then average the same steps)")
