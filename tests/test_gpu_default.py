@@ -62,6 +62,7 @@ def test_gpu_default_dry_run(tmp_path):
         pretrain = json.loads(tar.extractfile("pretrain/config.json").read())
     assert [v["model"] for v in val] == ["models/default", f"{run}/long/final", f"{run}/sft/final"]
     assert pretrain["compile"] and pretrain["data"]["data_workers"] == 2 and pretrain["time_budget"] > 0
+    assert pretrain["data"]["fim_level"] == "context"
 
     # back on the developer's machine: the shards become a model folder that loads and generates
     dest = tmp_path / "base"
