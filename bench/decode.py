@@ -16,8 +16,9 @@ import torch
 
 from codellm.checkpoint import load_model, save_model
 from codellm.config import ModelConfig
-from codellm.generate import SamplingParams, generate_tokens
+from codellm.generate import generate_tokens
 from codellm.model import Transformer
+from codellm.sampling import SamplingParams
 
 # ~50M parameters with Code Llama's vocabulary
 BENCH_CONFIG = dict(vocab_size=32016, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, hidden_dim=1408,

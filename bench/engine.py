@@ -45,8 +45,8 @@ from decode import BENCH_CONFIG, copy_bandwidth, decode_bytes
 from codellm.checkpoint import load_model, save_model
 from codellm.config import ModelConfig
 from codellm.engine import Engine
-from codellm.generate import SamplingParams
 from codellm.model import Transformer
+from codellm.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"

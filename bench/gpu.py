@@ -304,7 +304,7 @@ def decode_profile(model, prompt_tokens: int, steps: int, dev) -> tuple[float, i
     from torch.profiler import ProfilerActivity, profile
 
     from codellm.engine import Engine
-    from codellm.generate import SamplingParams
+    from codellm.sampling import SamplingParams
 
     engine = Engine(model, max_batch=1, max_len=prompt_tokens + steps + 8)
     engine.submit(random_prompt(prompt_tokens, model.cfg.vocab_size, 5), SamplingParams(max_new_tokens=steps + 6))

@@ -72,7 +72,7 @@ def engine_stream(args, model, tok, ids: list[int], params):
 
 
 def sampling_params(args):
-    from codellm.generate import SamplingParams
+    from codellm.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -128,7 +128,8 @@ def cmd_complete(args):
 
 
 def cmd_infill(args):
-    from codellm import formats, generate
+    from codellm import formats
+    from codellm.streaming import collect
 
     params = sampling_params(args)
     if args.file is not None:
@@ -150,7 +151,7 @@ def cmd_infill(args):
     ids = formats.infill_prompt(tok, prefix, suffix, args.order)
     events = engine_stream(args, model, tok, ids, params)
     if args.show_file:
-        middle = generate.collect(events)
+        middle = collect(events)
         filled = prefix + middle + suffix
         sys.stdout.write(filled if filled.endswith("\n") else filled + "\n")
     else:

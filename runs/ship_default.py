@@ -27,7 +27,8 @@ import torch
 
 from codellm import generate
 from codellm.checkpoint import load_model, save_model
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
+from codellm.streaming import collect
 from codellm.tokenizer import load_tokenizer
 
 STAGES = [("pretrain", "pretrain"), ("long", "long-context"), ("sft", "sft")]
@@ -65,15 +66,15 @@ def samples(model_dir: Path, instruct: bool) -> str:
     params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0, heal=True)
     out = []
     for prompt in COMPLETION_PROMPTS:
-        text = generate.collect(generate.complete(model, tok, prompt, params))
+        text = collect(generate.complete(model, tok, prompt, params))
         out.append(f"`codellm complete --temperature 0.7 --top-p 0.9 --seed 0`:\n\n```python\n{prompt}{text}\n```")
     prefix, suffix = INFILL
     params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
     for order in ("psm", "spm"):
-        middle = generate.collect(generate.infill(model, tok, prefix, suffix, params, order))
+        middle = collect(generate.infill(model, tok, prefix, suffix, params, order))
         out.append(f"`codellm infill --order {order}` (middle in «»):\n\n```python\n{prefix}«{middle}»{suffix}```")
     if instruct:
-        answer = generate.collect(generate.chat(model, tok, [{"role": "user", "content": CHAT}], params))
+        answer = collect(generate.chat(model, tok, [{"role": "user", "content": CHAT}], params))
         out.append(f"`codellm chat '{CHAT}'`:\n\n```\n{answer}\n```")
     return "\n\n".join(out)
 

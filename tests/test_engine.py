@@ -12,7 +12,9 @@ from codellm.engine import Engine, SlotKVCache, parse_size
 from codellm.engine.decode import DecodeStep
 from codellm.engine.kv_cache import common_prefix
 from codellm.errors import UserError
-from codellm.generate import SamplingParams, generate_tokens
+from codellm.generate import generate_tokens
+from codellm.sampling import SamplingParams
+from codellm.streaming import collect
 from codellm.tokenizer import load_tokenizer
 from tests.conftest import decode_against_forward, tiny_model
 
@@ -240,7 +242,7 @@ def test_memory_budget_and_request_size_errors(model):
 def test_text_stream_matches_stream_text(model_and_tok):
     model, tok = model_and_tok
     ids = tok.encode("def add(a, b):", bos=True)
-    full = generate.collect(generate.stream_text(model, tok, ids, SamplingParams(max_new_tokens=30)))
+    full = collect(generate.stream_text(model, tok, ids, SamplingParams(max_new_tokens=30)))
     assert len(full) > 8
     engine = Engine(model, tok, max_batch=4)
     for params in [SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=30, stop=(full[5:8],)),
@@ -251,7 +253,7 @@ def test_text_stream_matches_stream_text(model_and_tok):
         assert {e["request_id"] for e in got} == {got[0]["request_id"]}
     prompts = ["import os", "class A:", "def add(a, b):"]
     texts = [c.text for c in engine.generate(prompts, SamplingParams(max_new_tokens=20))]
-    assert texts == [generate.collect(generate.complete(model, tok, p, SamplingParams(max_new_tokens=20)))
+    assert texts == [collect(generate.complete(model, tok, p, SamplingParams(max_new_tokens=20)))
                      for p in prompts]
 
 
@@ -276,7 +278,7 @@ def test_infill_ends_at_eot_with_the_middle_only(model_and_tok):
     params = SamplingParams(max_new_tokens=40)
     events = list(Engine(scripted, tok, max_batch=2).stream(ids, params))
     assert events[-1].reason == "eot" and events[-1].token_id == tok.eot_id and len(events) == 7
-    assert "".join(e.text for e in events) == generate.collect(generate.stream_text(scripted, tok, ids, params))
+    assert "".join(e.text for e in events) == collect(generate.stream_text(scripted, tok, ids, params))
 
 
 def test_closing_a_stream_cancels_and_the_engine_is_reusable(model):

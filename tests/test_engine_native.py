@@ -10,7 +10,7 @@ import torch
 from codellm.engine import Engine, SlotKVCache, native
 from codellm.engine.native import NativeDecodeStep
 from codellm.errors import UserError
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 from tests.conftest import decode_against_forward, needs_cxx, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

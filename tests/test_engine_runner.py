@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codellm.engine import Engine, EngineRunner
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 from tests.test_engine import VOCAB, random_prompt, reference, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -316,7 +316,7 @@ def test_local_generation_is_one_continuous_batch(sp, monkeypatch):
     """Every prompt of a call goes to one engine at once (2 slots here): no engine, and no barrier, per batch."""
     from codellm.engine import Engine
     from codellm.eval.generators import LocalGenerator, PromptSpec
-    from codellm.generate import SamplingParams
+    from codellm.sampling import SamplingParams
     from tests.conftest import tiny_model
 
     queued: dict[Engine, int] = {}

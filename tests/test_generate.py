@@ -9,7 +9,9 @@ from transformers import LlamaForCausalLM
 from codellm import generate
 from codellm.checkpoint import load_model
 from codellm.errors import UserError
-from codellm.generate import Event, SamplingParams, StopMatcher, generate_tokens, sample_next
+from codellm.generate import generate_tokens
+from codellm.sampling import SamplingParams, heal_prompt, sample_next
+from codellm.streaming import Event, StopMatcher
 from codellm.tokenizer import load_tokenizer
 
 
@@ -148,13 +150,13 @@ def shipped_tok():
 def test_token_healing_backs_off_a_token_that_longer_tokens_extend(shipped_tok):
     tok = shipped_tok
     ids = tok.encode('def f(x):\n    """Double x."""\n', bos=True)
-    healed, healing = generate.heal_prompt(tok, ids)
+    healed, healing = heal_prompt(tok, ids)
     assert healed == ids[:-1] and healing.text == "\n"
     texts = [tok.decode_continuation([i]) for i in healing.allowed]
     assert all(t.startswith("\n") for t in texts) and "\n   " in texts  # newline + indent: one token
-    assert generate.heal_prompt(tok, [tok.bos_id]) == ([tok.bos_id], None)  # nothing to back off
+    assert heal_prompt(tok, [tok.bos_id]) == ([tok.bos_id], None)  # nothing to back off
     eot = tok.encode("x", bos=True) + [tok.eot_id]
-    assert generate.heal_prompt(tok, eot) == (eot, None)  # special tokens stay
+    assert heal_prompt(tok, eot) == (eot, None)  # special tokens stay
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -174,7 +176,7 @@ def test_healed_generation_engine_equals_reference_and_never_repeats_the_prompt(
             engine = Engine(model, tok, max_batch=2)
             got = engine.generate([ids, tok.encode("y = 2", bos=True)], [params, SamplingParams(max_new_tokens=3)])
             assert got[0].token_ids == ref_ids and got[0].text == ref_text
-            healed, healing = generate.heal_prompt(tok, ids)
+            healed, healing = heal_prompt(tok, ids)
             if healing is not None:  # the first token starts with the backed-off text, which is not output
                 assert ref_ids[0] in healing.allowed
                 full = tok.decode_continuation(ref_ids)

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from codellm.checkpoint import load_model
 from codellm.engine import Engine, SlotKVCache
 from codellm.engine.decode import DecodeStep
-from codellm.generate import SamplingParams, generate_tokens
+from codellm.generate import generate_tokens
+from codellm.sampling import SamplingParams
 from codellm.train import distributed
 from codellm.train.config import TrainConfig
 from codellm.train.loop import train

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from codellm.checkpoint import load_model
-from codellm.generate import SamplingParams, collect, complete
+from codellm.generate import complete
+from codellm.sampling import SamplingParams
+from codellm.streaming import collect
 from codellm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

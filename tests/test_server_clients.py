@@ -17,7 +17,8 @@ import pytest
 from codellm import formats
 from codellm.checkpoint import load_model
 from codellm.cli import engine_stream
-from codellm.generate import SamplingParams, chat, complete, infill, stream_text
+from codellm.generate import chat, complete, infill, stream_text
+from codellm.sampling import SamplingParams
 from codellm.server.prompts import context_text
 from codellm.tokenizer import load_tokenizer
 from tests.server_fixtures import shared_server, sse_data

@@ -2,7 +2,7 @@
 
     kv_cache.py   SlotKVCache: slots allocated once, prefix records, swaps; SlotView for one forward
     scheduler.py  Request and the token-budget Scheduler (which requests run, dense decode rows)
-    sampler.py    per-row sampling through generate.sample_next with per-request generators
+    sampler.py    per-row sampling through sampling.sample_next with per-request generators
     engine.py     Engine: submit / cancel / step / run / stream / generate, EngineEvent, Completion
     runner.py     EngineRunner: the engine loop in a thread, per-request streams for threads and asyncio
     decode.py     the decode step as a pure function (eager, or torch.compile'd off the CPU)

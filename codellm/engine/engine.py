@@ -9,10 +9,10 @@
 A step runs the scheduler's plan: one batched forward that decodes a token for every decoding request
 (rows at different positions, a slice of the slot cache), then one forward per prompt chunk; samples
 each row with its own parameters and generator (`sampler.sample_rows`); and turns tokens into events
-through each request's `generate.TextStream` (UTF-8-safe text, stop ids and strings, EOS, EOT for
+through each request's `streaming.TextStream` (UTF-8-safe text, stop ids and strings, EOS, EOT for
 infilling). A request that finishes or is cancelled frees its slot within the step.
 
-An event is a `generate.Event` plus `request_id`; a request's last event has `finished=True` and a
+An event is a `streaming.Event` plus `request_id`; a request's last event has `finished=True` and a
 `reason`: "eos" | "eot" | "stop" | "length" | "cancelled". Hitting `max_new_tokens` (or the end of the
 model's context) yields the last token's event, then a final one with no token, as `stream_text` does.
 With `SamplingParams.logprobs` set, a token's event also carries its logprob and the top alternatives.
@@ -55,8 +55,9 @@ from codellm.engine.kv_cache import SlotKVCache
 from codellm.engine.sampler import sample_rows, token_logprobs
 from codellm.engine.scheduler import Request, Scheduler
 from codellm.errors import UserError
-from codellm.generate import Event, SamplingParams, TextStream, check_prompt_fits, heal_prompt, make_generator
 from codellm.model import Transformer
+from codellm.sampling import SamplingParams, check_prompt_fits, heal_prompt, make_generator
+from codellm.streaming import Event, TextStream
 
 
 @dataclass(kw_only=True)

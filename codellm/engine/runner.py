@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 
 from codellm.engine.engine import Engine, EngineEvent
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 
 Sink = Callable[[EngineEvent], None]
 

@@ -1,6 +1,6 @@
 """Next tokens for a batch of rows, each with its own sampling parameters and generator.
 
-Every row goes through `generate.sample_next`, the reference generator's code path, with its own
+Every row goes through `sampling.sample_next`, the reference generator's code path, with its own
 `torch.Generator` consumed exactly as the reference consumes it; so a seeded request draws the same
 tokens whatever else is in the batch. Plain greedy rows (no repetition penalty) need no per-row work and
 share one argmax. `token_logprobs` reports what rows asked for (`SamplingParams.logprobs`) from the same
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from codellm.engine.scheduler import Request
-from codellm.generate import SamplingParams, restrict, sample_next
+from codellm.sampling import SamplingParams, restrict, sample_next
 
 
 def sample_rows(logits: torch.Tensor, requests: list[Request]) -> list[int]:

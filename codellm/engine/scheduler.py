@@ -25,7 +25,8 @@ import torch
 
 from codellm.engine.kv_cache import SlotKVCache
 from codellm.errors import UserError
-from codellm.generate import SamplingParams, TextStream
+from codellm.sampling import SamplingParams
+from codellm.streaming import TextStream
 
 
 @dataclass(eq=False)

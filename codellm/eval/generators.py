@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from codellm.errors import UserError
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 
 MAX_SERVER_STOPS = 4  # OpenAI's and TGI's default limit; the rest is applied here, after generation
 
@@ -137,9 +137,10 @@ class LocalGenerator(_Streaming):
             from codellm.engine import Engine
         except ImportError:  # the batched engine is optional: the reference generator is always there
             from codellm import generate
+            from codellm.streaming import collect
 
             for k, (x, p) in enumerate(zip(ids, params, strict=True)):
-                yield k, generate.collect(generate.stream_text(self.model, self.tok, x, p))
+                yield k, collect(generate.stream_text(self.model, self.tok, x, p))
             return
         if not ids:
             return

@@ -12,7 +12,7 @@ import secrets
 
 from codellm import formats
 from codellm.errors import UserError
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 from codellm.server.errors import ApiError, invalid
 from codellm.tokenizer import Tokenizer
 

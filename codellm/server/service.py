@@ -26,7 +26,7 @@ from time import perf_counter
 
 from codellm.engine import EngineEvent, EngineRunner
 from codellm.errors import UserError
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 from codellm.server.errors import ApiError
 from codellm.server.metrics import Metrics
 
