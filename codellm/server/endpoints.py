@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -14,7 +14,8 @@ from starlette.responses import Response
 from codellm.errors import UserError
 from codellm.server import auth
 from codellm.server.errors import ApiError, Family
-from codellm.server.service import ClientGone, Generation, Service
+from codellm.server.service import HEARTBEAT_S, ClientGone, Generation, Service
+from codellm.server.sse import KEEP_ALIVE
 
 Handler = Callable[[Request], Awaitable[Response]]
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the response"
@@ -131,6 +132,20 @@ async def run_to_end(request: Request, service: Service, prompts: list[list[int]
         if err := failure(choice.reason):
             raise err
     return gen
+
+
+async def stream_items(gen, error_event: Callable[[ApiError], str]) -> AsyncIterator[str | tuple]:
+    """What a streamed generation's route sends, in order: an SSE keep-alive comment (str) when the engine
+    is quiet for HEARTBEAT_S, the route's own error event (str, last) for a choice that failed, and each
+    (choice, engine event) pair for the route to encode."""
+    async for item in gen.events(HEARTBEAT_S):
+        if item is None:
+            yield KEEP_ALIVE
+            continue
+        if err := failure(item[1].reason):
+            yield error_event(err)
+            return
+        yield item
 
 
 def open_stream(request: Request, service: Service, prompts: list[list[int]], params: list):

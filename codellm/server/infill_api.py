@@ -25,12 +25,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from codellm import formats
-from codellm.server.endpoints import endpoint, failure, open_stream, read_json, run_to_end
+from codellm.server.endpoints import endpoint, open_stream, read_json, run_to_end, stream_items
 from codellm.server.errors import LLAMACPP, LLAMACPP_TYPES, STATUS, invalid
 from codellm.server.prompts import fit, infill_with_context, require_infilling, sampling
 from codellm.server.schemas import InfillRequest, parse
-from codellm.server.service import HEARTBEAT_S, Service
-from codellm.server.sse import KEEP_ALIVE, EventStream, event
+from codellm.server.service import Service
+from codellm.server.sse import EventStream, event
 
 RESERVED = 128  # new tokens kept free of the prompt when n_predict is unset or -1
 STOP_TYPE = {"eos": "eos", "eot": "eos", "length": "limit", "stop": "word"}
@@ -99,15 +99,11 @@ async def infill(service: Service, request: Request):
     gen, on_close = open_stream(request, service, [ids], [params])
 
     async def events():
-        async for item in gen.events(HEARTBEAT_S):
-            if item is None:
-                yield KEEP_ALIVE
+        async for item in stream_items(gen, llamacpp_error_event):
+            if isinstance(item, str):
+                yield item
                 continue
             c, ev = item
-            if err := failure(ev.reason):
-                status = STATUS[err.kind][LLAMACPP.column]
-                yield event({"error": {"code": status, "message": err.message, "type": LLAMACPP_TYPES[err.kind]}})
-                return
             if ev.text or req.n_probs:  # the last token's text too: the final event's content is "" as llama.cpp's
                 out = {"content": ev.text, "stop": False}
                 if req.n_probs and ev.token_id is not None:
@@ -117,6 +113,12 @@ async def infill(service: Service, request: Request):
                 yield event(final(gen, c, ""))
 
     return EventStream(events(), on_close)
+
+
+def llamacpp_error_event(err) -> str:
+    """llama.cpp's error shape for a failure in the middle of a stream."""
+    status = STATUS[err.kind][LLAMACPP.column]
+    return event({"error": {"code": status, "message": err.message, "type": LLAMACPP_TYPES[err.kind]}})
 
 
 def probabilities(service: Service, tokens: list) -> list[dict]:

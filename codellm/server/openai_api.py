@@ -22,12 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from codellm.server.endpoints import endpoint, failure, open_stream, read_json, run_to_end
+from codellm.server.endpoints import endpoint, open_stream, read_json, run_to_end, stream_items
 from codellm.server.errors import OPENAI, OPENAI_TYPES, STATUS, ApiError, invalid
 from codellm.server.prompts import chat_ids, completion_ids, fit, infill_ids, sampling
 from codellm.server.schemas import ChatRequest, CompletionRequest, parse
-from codellm.server.service import HEARTBEAT_S, Choice, Service
-from codellm.server.sse import DONE, KEEP_ALIVE, EventStream, event
+from codellm.server.service import Choice, Service
+from codellm.server.sse import DONE, EventStream, event
 
 COMPLETION_MAX_TOKENS, CHAT_MAX_TOKENS = 16, 512
 
@@ -90,14 +90,11 @@ async def completions(service: Service, request: Request, body: dict | None = No
             yield event(
                 head | {"choices": [{"index": c.index, "text": echo(c), "logprobs": None, "finish_reason": None}]}
             )
-        async for item in gen.events(HEARTBEAT_S):
-            if item is None:
-                yield KEEP_ALIVE
+        async for item in stream_items(gen, error_event):
+            if isinstance(item, str):
+                yield item
                 continue
             c, ev = item
-            if err := failure(ev.reason):
-                yield error_event(err)
-                break
             if not ev.text and not ev.finished and req.logprobs is None:
                 continue
             out = {"index": c.index, "text": ev.text, "logprobs": None, "finish_reason": None}
@@ -244,14 +241,11 @@ async def chat(service: Service, request: Request, body: dict | None = None):
                     ]
                 }
             )
-        async for item in gen.events(HEARTBEAT_S):
-            if item is None:
-                yield KEEP_ALIVE
+        async for item in stream_items(gen, error_event):
+            if isinstance(item, str):
+                yield item
                 continue
             c, ev = item
-            if err := failure(ev.reason):
-                yield error_event(err)
-                break
             if not ev.text and not ev.finished and not req.logprobs:
                 continue
             out = {

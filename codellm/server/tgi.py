@@ -22,14 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from codellm.generate import SamplingParams
+from codellm.sampling import SamplingParams
 from codellm.server import auth, openai_api
-from codellm.server.endpoints import endpoint, failure, open_stream, read_json, run_to_end
+from codellm.server.endpoints import endpoint, open_stream, read_json, run_to_end, stream_items
 from codellm.server.errors import TGI, invalid
 from codellm.server.prompts import fit, sampling, truncated_ids
 from codellm.server.schemas import TGIParameters, TGIRequest, parse
-from codellm.server.service import HEARTBEAT_S, Choice, Service
-from codellm.server.sse import KEEP_ALIVE, EventStream, event
+from codellm.server.service import Choice, Service
+from codellm.server.sse import EventStream, event
 
 DEFAULT_MAX_NEW_TOKENS = 256
 FINISH = {"eos": "eos_token", "eot": "eos_token", "stop": "stop_sequence", "length": "length"}
@@ -119,14 +119,12 @@ async def generate_stream(service: Service, request: Request, req: TGIRequest | 
 
     async def events():
         index = 0
-        async for item in gen.events(HEARTBEAT_S):
-            if item is None:
-                yield KEEP_ALIVE
+        async for item in stream_items(gen, lambda err: event({"error": err.message, "error_type": err.kind},
+                                                              space=False)):
+            if isinstance(item, str):
+                yield item
                 continue
             choice, ev = item
-            if err := failure(ev.reason):
-                yield event({"error": err.message, "error_type": err.kind}, space=False)
-                return
             index += 1
             out = {"index": index, "token": token(service, ev), "generated_text": None, "details": None}
             if job.p.top_n_tokens:
