@@ -254,6 +254,20 @@ def test_remote_endpoint_humaneval(server, api, tmp_path):
         assert "temperature" not in body["parameters"] and "top_p" not in body["parameters"]  # greedy for TGI
 
 
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+def test_remote_requests_carry_every_recorded_sampling_field(server, api, tmp_path):
+    p = HumanEval().problems[0]
+    FakeServer.answers[(p.prompt, None)] = FakeServer.answers[p.prompt] = p.reference
+    code, _, err = cli("eval", "humaneval", "--endpoint", server, "--api", api, "--limit", 1, "--out", tmp_path,
+                       "--temperature", 0.5, "--top-p", 0.9, "--top-k", 7, "--repetition-penalty", 1.3, "--seed", 1)
+    assert code == 0, err
+    settings = json.loads((tmp_path / "summary.json").read_text())["params"]
+    sent = FakeServer.requests[0][1] if api == "openai" else FakeServer.requests[0][1]["parameters"]
+    for field in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        assert sent[field] == settings[field], field
+    assert settings["heal"] is False  # servers get the prompt as it is: the run must not claim healing
+
+
 @needs_data
 @pytest.mark.parametrize("api", ["openai", "tgi"])
 def test_remote_endpoint_infilling(server, api, tmp_path):

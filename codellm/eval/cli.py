@@ -153,7 +153,8 @@ def cmd_run(args) -> None:
         "repetition_penalty": params.repetition_penalty,
         "seed": params.seed,
         "extra_stop": list(params.stop),
-        "heal": params.heal and not task.name.startswith("infill"),  # local generation of completions only
+        # token healing: local generation of completion prompts only (servers get the prompt as it is)
+        "heal": params.heal and not task.name.startswith("infill") and described.get("kind") == "local",
     }
     _check_resume(out / "config.json", settings)
     samples = generate_samples(task, generator, params, args.n, problems, out / "samples.jsonl", order)

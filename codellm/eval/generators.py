@@ -156,6 +156,18 @@ class LocalGenerator(_Streaming):
                 yield job[event.request_id], "".join(texts.pop(event.request_id))
 
 
+def extra_sampling_fields(params: SamplingParams) -> dict:
+    """top_k and repetition_penalty as TGI, vLLM and codellm name them, sent whenever they are set: a run
+    records them in its settings, so a server that ignored them would leave its scores mislabelled (one
+    that does not know them refuses the request instead)."""
+    out = {}
+    if params.top_k:
+        out["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        out["repetition_penalty"] = params.repetition_penalty
+    return out
+
+
 class _HTTPGenerator(_Streaming):
     path = ""
 
@@ -226,6 +238,7 @@ class OpenAIGenerator(_HTTPGenerator):
             "top_p": params.top_p,
             "n": 1,
         }
+        body |= extra_sampling_fields(params)  # vLLM's and codellm's extensions of the OpenAI fields
         if spec.stop:
             body["stop"] = list(spec.stop[:MAX_SERVER_STOPS])
         if (seed := sample_seed(params, spec, j)) is not None:
@@ -249,6 +262,7 @@ class TGIGenerator(_HTTPGenerator):
             parameters |= {"do_sample": True, "temperature": params.temperature}
             if params.top_p < 1:
                 parameters["top_p"] = params.top_p
+        parameters |= extra_sampling_fields(params)
         if spec.stop:
             parameters["stop"] = list(spec.stop[:MAX_SERVER_STOPS])
         if (seed := sample_seed(params, spec, j)) is not None:
