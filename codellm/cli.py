@@ -7,94 +7,20 @@ CODELLM_DEBUG=1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from codellm.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "default"
-DEFAULT_INSTRUCT_MODEL = REPO_ROOT / "models" / "default-instruct"
-
-
-def default_model_path(instruct: bool = False) -> Path:
-    """$CODELLM_MODEL, else the shipped base model (chat: its instruct variant)."""
-    if "CODELLM_MODEL" in os.environ:
-        return Path(os.environ["CODELLM_MODEL"])
-    return DEFAULT_INSTRUCT_MODEL if instruct and DEFAULT_INSTRUCT_MODEL.is_dir() else DEFAULT_MODEL
-
-
-def add_model_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=Path, default=None,
-                   help="HF-layout model directory (default: $CODELLM_MODEL, else the shipped models/default, "
-                        "or models/default-instruct for chat)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
-                                                  "bfloat16 on cuda)")
-
-
-def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256, heal: bool = False):
-    g = p.add_argument_group("sampling")
-    if heal:  # left-to-right prompts only: infilling and chat prompts end in their own tokens
-        g.add_argument("--no-heal", action="store_true",
-                       help="turn off token healing (default on: when the prompt ends inside what the tokenizer "
-                            "merges, e.g. a newline before an indented line, its last token is backed off and "
-                            "the model picks the merged token)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def add_engine_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("engine")
-    g.add_argument("--kv-memory", default=None, metavar="SIZE",
-                   help="memory for the KV cache, e.g. 512M or 2G; a request that does not fit is an error "
-                        "(default: what the request needs)")
-    g.add_argument("--compile", action="store_true",
-                   help="fast decoding: on a CPU a native decode step, built once in seconds into "
-                        "~/.cache/codellm (needs a C++ compiler); on a GPU torch.compile")
-
-
-def engine_stream(args, model, tok, ids: list[int], params):
-    """Events of one request through the engine, its slot sized for the request (as --kv-memory allows)."""
-    from codellm.engine import Engine, parse_size
-
-    kv_memory = parse_size(args.kv_memory) if args.kv_memory else None
-    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + params.max_new_tokens, kv_memory=kv_memory,
-                    compile=args.compile)
-    return engine.stream(ids, params)
-
-
-def sampling_params(args):
-    from codellm.sampling import SamplingParams
-
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(args.stop), heal=hasattr(args, "no_heal") and not args.no_heal)
-
-
-def load(args, instruct: bool = False):
-    """(model, tokenizer) from --model/--device/--dtype."""
-    from codellm.checkpoint import load_model
-    from codellm.tokenizer import load_tokenizer
-
-    path = args.model or default_model_path(instruct)
-    if args.model is None and not path.is_dir():
-        raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
-                        "(a Hugging Face Llama/Code Llama directory)")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is available on this machine")
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)
+from codellm.options import (
+    add_engine_options,
+    add_model_options,
+    add_sampling_options,
+    default_model_path,
+    engine_stream,
+    load,
+    run,
+    sampling_params,
+)
 
 
 def print_stream(events) -> None:
@@ -288,41 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    for module in ("codellm.data.cli", "codellm.train.cli", "codellm.eval.cli", "codellm.server.cli"):
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    from codellm.data import cli as data_cli
+    from codellm.eval import cli as eval_cli
+    from codellm.server import cli as server_cli
+    from codellm.train import cli as train_cli
+
+    for area in (data_cli, train_cli, eval_cli, server_cli):  # each adds its commands; none imports this module
+        area.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)
-
-
-def run_standalone(add_parser, argv: list[str] | None = None) -> int:
-    """`python -m codellm.<area>.cli ...` (e.g. under torchrun): one area's commands, same error handling."""
-    parser = argparse.ArgumentParser(prog="codellm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser, argv)
-
-
-def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"codellm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("codellm: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if os.environ.get("CODELLM_DEBUG"):
-            raise
-        print(f"codellm: internal error: {type(e).__name__}: {e} (set CODELLM_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

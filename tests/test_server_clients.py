@@ -16,8 +16,8 @@ import pytest
 
 from codellm import formats
 from codellm.checkpoint import load_model
-from codellm.cli import engine_stream
 from codellm.generate import chat, complete, infill, stream_text
+from codellm.options import engine_stream
 from codellm.sampling import SamplingParams
 from codellm.server.prompts import context_text
 from codellm.tokenizer import load_tokenizer

@@ -87,7 +87,7 @@ def run_tokenize(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from codellm.cli import run_standalone
+    from codellm.options import run_standalone
 
     return run_standalone(add_parser, argv)
 

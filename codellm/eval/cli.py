@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
-    from codellm.cli import add_model_options, add_sampling_options
+    from codellm.options import add_model_options, add_sampling_options
 
     add_model_options(p)
     add_sampling_options(p, max_new_tokens=max_new_tokens, heal=True)
@@ -119,7 +119,7 @@ def make_generator(args):
             raise UserError("give either --model (local) or --endpoint (a server), not both")
         cls = OpenAIGenerator if args.api == "openai" else TGIGenerator
         return cls(args.endpoint, args.remote_model, args.api_key, concurrency=args.concurrency)
-    from codellm.cli import default_model_path, load
+    from codellm.options import default_model_path, load
 
     model, tok = load(args)
     return LocalGenerator(model, tok, batch_size=args.batch_size, name=str(args.model or default_model_path()),
@@ -127,8 +127,8 @@ def make_generator(args):
 
 
 def cmd_run(args) -> None:
-    from codellm.cli import sampling_params
     from codellm.eval.runner import generate_samples
+    from codellm.options import sampling_params
 
     start = time.monotonic()
     _positive(args, "n", "batch_size", "concurrency", "limit")

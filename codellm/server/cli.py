@@ -22,7 +22,7 @@ from codellm.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    from codellm.cli import add_engine_options, add_model_options
+    from codellm.options import add_engine_options, add_model_options
 
     p = subparsers.add_parser(
         "serve", help="HTTP server: OpenAI, TGI, SageMaker and llama.cpp /infill APIs, a playground page at /"
@@ -89,8 +89,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_serve(args) -> None:
-    from codellm.cli import default_model_path, load
     from codellm.engine import Engine, EngineRunner, parse_size
+    from codellm.options import default_model_path, load
     from codellm.server import auth
     from codellm.server.service import Limits, Service
 

@@ -164,7 +164,7 @@ def run_plot(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from codellm.cli import run_standalone
+    from codellm.options import run_standalone
 
     return run_standalone(add_parser, argv)
 
