@@ -258,7 +258,7 @@ def hf_twin(model):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from codellm.checkpoint import config_to_hf
+    from codellm.arch.llama import config_to_hf
 
     p = next(model.parameters())
     cfg = model.cfg.replace(eos_id=max(model.cfg.eos_id, 0))  # ours may be -1 (EOS ignored): generate gets None

@@ -1,5 +1,8 @@
 """Hugging Face-layout checkpoints: read real (Code) Llama directories, write ours the same way.
 
+Which model a directory holds, how its config reads and how its tensors are named is its architecture's
+business (codellm/arch: Llama today); this module only moves files and tensors.
+
 A checkpoint directory holds `config.json`, `model.safetensors` (or shards + `model.safetensors.index.json`)
 and the tokenizer files. Loading builds the model on the meta device and assigns memory-mapped tensors,
 so no random model is ever materialised; saving writes into a temporary directory and renames it, so a
@@ -19,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from codellm import arch
 from codellm.config import ModelConfig
 from codellm.errors import UserError
 from codellm.model import Transformer
@@ -26,8 +30,6 @@ from codellm.model import Transformer
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-# Buffers some older HF Llama checkpoints carry; recomputed from the config, never loaded.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -45,61 +47,11 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Translate an HF `LlamaConfig` dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
-    `rope_parameters`) into our ModelConfig; refuse what our model cannot represent."""
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise UserError(f"{source}: model_type={hf.get('model_type')!r} architectures={archs} is not a "
-                        "Llama architecture; codellm runs Llama / Code Llama checkpoints")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise UserError(f"{source}: {flag}=true is not supported (Llama/Code Llama have no biases)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind not in ("default", "linear"):
-        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (only linear)")
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    if head_dim * n_heads != hf["hidden_size"]:
-        raise UserError(f"{source}: head_dim={head_dim} x heads={n_heads} != hidden_size={hf['hidden_size']}")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-        rope_scaling=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
-        norm_eps=hf.get("rms_norm_eps", 1e-6), bos_id=hf.get("bos_token_id", 1),
-        eos_id=_first(hf.get("eos_token_id", 2)),
-    )
-
-
-def _first(value):
-    return value[0] if isinstance(value, list) else value
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": cfg.rope_scaling}
-        if cfg.rope_scaling != 1.0 else None,
-        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "pretraining_tp": 1,
-        "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
 def load_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint directory, read by its architecture (codellm/arch)."""
     path = _checkpoint_dir(path)
-    return config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
+    hf, source = _read_json(path / "config.json"), str(path / "config.json")
+    return arch.from_hf_config(hf, source).config_from_hf(hf, source)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -129,29 +81,33 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Transformer:
-    """Load an HF Llama directory into our Transformer, in `dtype` on `device`, in eval mode."""
+    """Load an HF directory of a registered architecture (codellm/arch) into our model, in `dtype` on
+    `device`, in eval mode."""
     path, dtype = _checkpoint_dir(path), parse_dtype(dtype)
-    cfg = load_config(path)
     hf = _read_json(path / "config.json")
+    family = arch.from_hf_config(hf, str(path / "config.json"))
+    cfg = family.config_from_hf(hf, str(path / "config.json"))
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = family.build(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                name = key.removeprefix("model.")
-                if name.endswith(IGNORED_SUFFIXES):
+                if family.ignored and key.endswith(family.ignored):
                     continue
+                name = family.to_ours(key)
                 if name not in expected:
-                    raise UserError(f"{file.name}: unexpected tensor {key!r} for a Llama model")
+                    raise UserError(f"{file.name}: unexpected tensor {key!r} for a {family.name} model")
                 tensor = f.get_tensor(key)
                 if tensor.shape != expected[name]:
                     raise UserError(f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                     f"config.json implies {tuple(expected[name])}")
                 state[name] = tensor.to(device=device, dtype=dtype)
-    if "lm_head.weight" not in state and hf.get("tie_word_embeddings") and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    if family.tied and hf.get("tie_word_embeddings"):
+        head, embedding = family.tied
+        if head not in state and embedding in state:
+            state[head] = state[embedding]
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -163,16 +119,16 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
 def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                dtype: str | torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
                extra_files: dict[str, str] | None = None) -> Path:
-    """Write `model` as an HF Llama checkpoint (+ tokenizer files) atomically; returns out_dir."""
+    """Write `model` as an HF checkpoint of its architecture (+ tokenizer files) atomically; returns out_dir."""
     out_dir = Path(out_dir)
     dtype = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tensors = {_hf_name(n): t.detach().to("cpu", dtype).contiguous()
-                   for n, t in model.state_dict().items()}
+        family = arch.of_model(model)
+        tensors = {family.to_hf(n): t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()}
         _write_safetensors(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(family.config_to_hf(model.cfg, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": model.cfg.bos_id, "eos_token_id": model.cfg.eos_id}, indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -187,10 +143,6 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else f"model.{name}"
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):

@@ -102,7 +102,7 @@ def test_error_not_llama(tiny_model_dir, tmp_path):
         (d / "config.json").write_text(json.dumps(cfg))
 
     assert_user_error(run("complete", "x", "--model", broken_copy(tiny_model_dir, tmp_path, edit)),
-                      "not a Llama architecture")
+                      "not an architecture codellm runs; supported: llama")
 
 
 def _rewrite_weights(d, change):
