@@ -90,7 +90,7 @@ def engine_decode(model: Transformer, streams: int, prompt_tokens: int, new_toke
     warm = [random_prompt(8, model.cfg.vocab_size, i) for i in range(min(streams, 2))]
     engine.generate(warm, SamplingParams(max_new_tokens=4))  # warm-up: one row and (streams > 1) several
     engine.generate(warm[:1], SamplingParams(max_new_tokens=4))
-    compile_s = engine.decoder.compile_seconds if compile else 0.0
+    compile_s = engine.model_runner.decode_step.compile_seconds if compile else 0.0
     for i in range(streams):
         engine.submit(random_prompt(prompt_tokens, model.cfg.vocab_size, i), params)
     tokens, seconds = 0, 0.0

@@ -319,7 +319,7 @@ def test_torch_compiled_decode_equals_eager_greedy(model):
     params = SamplingParams(max_new_tokens=20)
     eager = [c.token_ids for c in Engine(model, max_batch=4, token_budget=256).generate(prompts, params)]
     compiled = Engine(model, max_batch=4, token_budget=256)
-    compiled.decoder = DecodeStep(model, compiled.cache, compile=True)
+    compiled.model_runner.decode_step = DecodeStep(model, compiled.cache, compile=True)
     assert [c.token_ids for c in compiled.generate(prompts, params)] == eager
     assert eager == [reference(model, p, params) for p in prompts]
-    assert compiled.decoder.compile_seconds > 0 and compiled.cache.n_free == 4
+    assert compiled.model_runner.decode_step.compile_seconds > 0 and compiled.cache.n_free == 4

@@ -88,7 +88,7 @@ def test_compiled_engine_equals_eager_greedy():
     params = SamplingParams(max_new_tokens=20)
     eager = [c.token_ids for c in Engine(model, max_batch=4, token_budget=256).generate(prompts, params)]
     compiled = Engine(model, max_batch=4, token_budget=256, compile=True)
-    assert isinstance(compiled.decoder, NativeDecodeStep)
+    assert isinstance(compiled.model_runner.decode_step, NativeDecodeStep)
     assert [c.token_ids for c in compiled.generate(prompts, params)] == eager
     assert compiled.cache.n_free == 4
 
@@ -162,6 +162,6 @@ def test_bf16_engine_prefills_natively_and_chunking_does_not_matter():
     for budget in (8, 256):  # 8: prompts prefilled in chunks of at most 8 tokens, next to decoding rows
         engine = Engine(model, max_batch=2, token_budget=budget, compile=True)
         if not native._has_bf16_units():
-            assert engine.decoder.prefills
+            assert engine.model_runner.decode_step.prefills
         runs.append([c.token_ids for c in engine.generate(prompts, params)])
     assert runs[0] == runs[1]

@@ -10,6 +10,7 @@ import torch
 
 from codellm.engine import Engine, EngineRunner
 from codellm.sampling import SamplingParams
+from tests.conftest import needs_cxx
 from tests.test_engine import VOCAB, random_prompt, reference, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,3 +99,24 @@ def test_a_failing_step_ends_every_stream_with_an_error(lm):
     assert "simulated" in str(runner.error)
     with pytest.raises(RuntimeError, match="stopped"):
         runner.submit([1, 2], SamplingParams(), print)
+
+
+@needs_cxx
+def test_model_runner_picks_the_decode_path_per_device_and_flag():
+    """The model runner, not the engine, owns the decode path and the KV layout."""
+    from codellm.engine.model_runner import ModelRunner
+
+    model = tiny_model(VOCAB)
+    eager = ModelRunner(model, max_batch=2, max_len=32)
+    assert eager.path == "eager" and eager.cache.n_slots == 2 and eager.cache.max_len == 32
+    assert ModelRunner(model, max_batch=2, max_len=32, compile=True).path == "native"  # a CPU: the C++ step
+    engine = Engine(model, max_batch=2, max_len=32)
+    assert engine.cache is engine.model_runner.cache and engine.model_runner.path == "eager"
+
+    class Wrapped(torch.nn.Module):  # e.g. an adapter around a model: runs eagerly, cannot be compiled
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.cfg = inner, inner.cfg
+
+    with pytest.raises(TypeError, match="compile=True needs a codellm Transformer"):
+        ModelRunner(Wrapped(model), max_batch=1, compile=True)

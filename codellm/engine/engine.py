@@ -6,8 +6,9 @@
         print(event.request_id, event.token_id, repr(event.text), event.finished, event.reason)
     engine.generate(["def f(", "import os"], SamplingParams(max_new_tokens=64))  # -> [Completion, ...]
 
-A step runs the scheduler's plan: one batched forward that decodes a token for every decoding request
-(rows at different positions, a slice of the slot cache), then one forward per prompt chunk; samples
+A step runs the scheduler's plan through the model runner (`model_runner.py`, which owns the slot KV
+cache and the decode path): one batched forward that decodes a token for every decoding request (rows at
+different positions, a slice of the slot cache), then one forward per prompt chunk; samples
 each row with its own parameters and generator (`sampler.sample_rows`); and turns tokens into events
 through each request's `streaming.TextStream` (UTF-8-safe text, stop ids and strings, EOS, EOT for
 infilling). A request that finishes or is cancelled frees its slot within the step.
@@ -50,8 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from codellm.engine.decode import fast_decode_step
-from codellm.engine.kv_cache import SlotKVCache
+from codellm.engine.model_runner import ModelRunner
 from codellm.engine.sampler import sample_rows, token_logprobs
 from codellm.engine.scheduler import Request, Scheduler
 from codellm.errors import UserError
@@ -82,20 +82,9 @@ class Engine:
         cache, as many slots as fit (default: max_batch slots); token_budget: tokens per step, decodes
         first, prompt chunks in the rest; compile: decode with the native step on a CPU (built at first
         use, seconds; `native.py`), or through `torch.compile` elsewhere (`decode.py`)."""
-        cfg, weight = model.cfg, next(model.parameters())
-        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        if kv_memory is None:
-            self.cache = SlotKVCache(cfg, max_batch, max_len, weight.dtype, weight.device)
-        else:
-            self.cache = SlotKVCache.from_budget(cfg, kv_memory, max_len, weight.dtype, weight.device)
-        if hasattr(model, "fuse_projections"):  # wrappers around a model (tests, adapters) run as they are
-            model.fuse_projections()
-        # compiled: decode steps run the native step on a CPU, `decode.decode_step` under torch.compile
-        # elsewhere; eager: model.forward through a SlotView (SDPA; 10% faster than eager decode_step)
-        if compile and not isinstance(model, Transformer):
-            raise TypeError(f"compile=True needs a codellm Transformer (got {type(model).__name__})")
-        self.decoder = fast_decode_step(model, self.cache) if compile else None
-        self.model, self.device = model, weight.device
+        self.model_runner = ModelRunner(model, max_batch, max_len, kv_memory, compile)
+        self.model, self.cache, self.device = model, self.model_runner.cache, self.model_runner.device
+        cfg = model.cfg
         self.tok = tokenizer if tokenizer is not None else _IdsOnly(cfg.eos_id)
         self.scheduler = Scheduler(self.cache, max_batch, token_budget)
         self.requests: dict[Hashable, Request] = {}  # live requests, owned by the stepping thread
@@ -144,9 +133,9 @@ class Engine:
         chunks = self.scheduler.schedule()
         batch, logits = list(self.scheduler.decoding), []
         if batch:
-            logits.append(self._decode(batch))
+            logits.append(self.model_runner.decode(batch))
         for req, n in chunks:
-            last = self._prefill(req, n)
+            last = self.model_runner.prefill(req, n)
             if req.n_computed == req.n_prompt:  # prompt done: its last logits pick the first token
                 batch.append(req)
                 logits.append(last)
@@ -208,32 +197,6 @@ class Engine:
                 self._retire(req)
                 events.append(_tag(req, req.text.finish("cancelled")))
         return events
-
-    def _decode(self, reqs: list[Request]) -> torch.Tensor:
-        """One token for each decoding request (reqs[i] sits in row i) -> logits (n, vocab)."""
-        if self.decoder is not None:
-            logits = self.decoder([r.tokens[-1] for r in reqs], [r.n_computed for r in reqs])
-        else:
-            tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)  # (n, 1)
-            positions = torch.tensor([[r.n_computed] for r in reqs], device=self.device)  # (n, 1)
-            logits = self.model(tokens, positions, self.cache.view(0, len(reqs)), last_only=True)[:, -1]
-        for r in reqs:
-            r.n_computed += 1
-        return logits
-
-    def _prefill(self, req: Request, n: int) -> torch.Tensor:
-        """The next n prompt tokens of one request -> logits of the last one (1, vocab)."""
-        start = req.n_computed
-        if self.decoder is not None and self.decoder.prefills:  # the native step, where it is faster
-            logits = self.decoder(req.tokens[start:start + n], range(start, start + n), [req.slot] * n, [n - 1])
-            req.n_computed += n
-            return logits
-        tokens = torch.tensor([req.tokens[start:start + n]], device=self.device)  # (1, n)
-        positions = torch.arange(start, start + n, device=self.device)[None]  # (1, n)
-        view = self.cache.view(req.slot, req.slot + 1)
-        logits = self.model(tokens, positions, view, last_only=True)[:, -1]
-        req.n_computed += n
-        return logits
 
     def _advance(self, req: Request, token: int, logprobs=None) -> list[EngineEvent]:
         req.tokens.append(token)
