@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def add_engine_options(p: argparse.ArgumentParser):
 
 def engine_stream(args, model, tok, ids: list[int], params):
     """Events of one request through the engine, its slot sized for the request (as --kv-memory allows)."""
-    from codellm.engine import Engine, parse_size
+    from codellm.engine import Engine
 
     kv_memory = parse_size(args.kv_memory) if args.kv_memory else None
     engine = Engine(model, tok, max_batch=1, max_len=len(ids) + params.max_new_tokens, kv_memory=kv_memory,
@@ -123,3 +124,14 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise UserError(f"cannot read {text!r} as a memory size (examples: 512M, 2G, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])

@@ -8,11 +8,12 @@ import torch
 
 from codellm import formats, generate
 from codellm.checkpoint import load_model
-from codellm.engine import Engine, SlotKVCache, parse_size
+from codellm.engine import Engine, SlotKVCache
 from codellm.engine.decode import DecodeStep
 from codellm.engine.kv_cache import common_prefix
 from codellm.errors import UserError
 from codellm.generate import generate_tokens
+from codellm.options import parse_size
 from codellm.sampling import SamplingParams
 from codellm.streaming import collect
 from codellm.tokenizer import load_tokenizer

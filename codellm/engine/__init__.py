@@ -10,7 +10,7 @@
 """
 
 from codellm.engine.engine import Completion, Engine, EngineEvent
-from codellm.engine.kv_cache import SlotKVCache, parse_size
+from codellm.engine.kv_cache import SlotKVCache
 from codellm.engine.runner import EngineRunner
 
-__all__ = ["Completion", "Engine", "EngineEvent", "EngineRunner", "SlotKVCache", "parse_size"]
+__all__ = ["Completion", "Engine", "EngineEvent", "EngineRunner", "SlotKVCache"]

@@ -1,6 +1,6 @@
 """The inference engine: many requests over one model at once, advanced one step at a time.
 
-    engine = Engine(model, tok, max_batch=16, kv_memory=parse_size("1G"))
+    engine = Engine(model, tok, max_batch=16, kv_memory=1 << 30)
     rid = engine.submit(tok.encode("def f(", bos=True), SamplingParams(max_new_tokens=64))
     for event in engine.run():  # steps until every request has finished
         print(event.request_id, event.token_id, repr(event.text), event.finished, event.reason)

@@ -20,7 +20,6 @@ row's KV once more per layer and step, doubling the KV traffic that dominates de
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 import torch
@@ -171,14 +170,3 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 
 def slot_bytes(cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
     return cfg.kv_bytes_per_token(dtype.itemsize) * max_len
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not m:
-        raise UserError(f"cannot read {text!r} as a memory size (examples: 512M, 2G, 1.5GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])

@@ -2,7 +2,8 @@
 
     cli.py         `codellm serve` options, model loading, bind, signals (drain, then cancel), the ready line
     app.py         the route table, playground page, /health /ping /info /metrics, JSON access log
-    tgi.py         TGI: /generate, /generate_stream, POST / and SageMaker /invocations (EULA header)
+    tgi.py         TGI: /generate, /generate_stream, POST /
+    sagemaker.py   SageMaker /invocations (TGI or OpenAI bodies; EULA header)
     openai_api.py  OpenAI: /v1/completions (with `suffix` = infilling), /v1/chat/completions, /v1/models
     infill_api.py  llama.cpp: /infill with input_extra (repository context within a token budget)
     schemas.py     request bodies as pydantic models (types, ranges, what is not supported)

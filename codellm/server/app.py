@@ -4,7 +4,8 @@
     GET  /health, /ping         200 when ready; 503 while shutting down or after an engine failure  open
     GET  /info                  TGI's model info                                              key
     GET  /metrics               Prometheus text format (metrics.py)                           key
-    POST /generate, /generate_stream, /, /invocations                 tgi.py                  key
+    POST /generate, /generate_stream, /                               tgi.py                  key
+    POST /invocations                                                 sagemaker.py            key + EULA
     GET  /v1/models; POST /v1/completions, /v1/chat/completions       openai_api.py           key
     POST /infill                                                      infill_api.py           key
 
@@ -30,7 +31,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 import codellm
-from codellm.server import infill_api, openai_api, tgi
+from codellm.server import infill_api, openai_api, sagemaker, tgi
 from codellm.server.endpoints import endpoint
 from codellm.server.errors import TGI
 from codellm.server.service import Service
@@ -50,6 +51,7 @@ def build_app(service: Service, access_log=sys.stderr):
         get("/info", info),
         get("/metrics", metrics),
         *tgi.routes(service),
+        *sagemaker.routes(service),
         *openai_api.routes(service),
         *infill_api.routes(service),
     ]

@@ -89,8 +89,8 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_serve(args) -> None:
-    from codellm.engine import Engine, EngineRunner, parse_size
-    from codellm.options import default_model_path, load
+    from codellm.engine import Engine, EngineRunner
+    from codellm.options import default_model_path, load, parse_size
     from codellm.server import auth
     from codellm.server.service import Limits, Service
 

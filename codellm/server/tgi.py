@@ -1,4 +1,4 @@
-"""Text Generation Inference's API: POST /generate, /generate_stream, / (compat) and SageMaker's /invocations.
+"""Text Generation Inference's API: POST /generate, /generate_stream and / (compat); sagemaker.py reuses it.
 
     {"inputs": "def f(", "parameters": {"max_new_tokens": 32, "details": true}}
     -> {"generated_text": "...", "details": {"finish_reason": "eos_token", "generated_tokens": 9, "seed": null,
@@ -23,7 +23,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from codellm.sampling import SamplingParams
-from codellm.server import auth, openai_api
 from codellm.server.endpoints import endpoint, open_stream, read_json, run_to_end, stream_items
 from codellm.server.errors import TGI, invalid
 from codellm.server.prompts import fit, sampling, truncated_ids
@@ -41,7 +40,6 @@ def routes(service: Service) -> list[Route]:
         route("/generate", generate),
         route("/generate_stream", generate_stream),
         route("/", compat),
-        route("/invocations", invocations),
     ]
 
 
@@ -145,21 +143,6 @@ async def generate_stream(service: Service, request: Request, req: TGIRequest | 
 async def compat(service: Service, request: Request):
     """TGI's `POST /`: `stream` picks /generate_stream, else /generate's answer in a one-element list."""
     req = parse(TGIRequest, await read_json(request, service.limits.max_body))
-    if req.stream:
-        return await generate_stream(service, request, req)
-    return await generate(service, request, wrap=True, req=req)
-
-
-async def invocations(service: Service, request: Request):
-    """SageMaker: TGI's body (or an OpenAI chat/completions one); gated models need accept_eula=true."""
-    if service.require_eula and not auth.eula_accepted(request.headers.get(auth.EULA_HEADER)):
-        return JSONResponse({"code": 424, "message": "prediction failure", "error": auth.EULA_MESSAGE}, status_code=424)
-    body = await read_json(request, service.limits.max_body)
-    if isinstance(body, dict) and "messages" in body:
-        return await openai_api.chat(service, request, body)
-    if isinstance(body, dict) and "prompt" in body and "inputs" not in body:
-        return await openai_api.completions(service, request, body)
-    req = parse(TGIRequest, body)
     if req.stream:
         return await generate_stream(service, request, req)
     return await generate(service, request, wrap=True, req=req)

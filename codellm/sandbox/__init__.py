@@ -6,7 +6,7 @@
         outcome = ws.run(["/usr/bin/python3", "prog.py"], Limits(cpu_seconds=3))
         outcome = ws.run_python(runner_source, Limits(cpu_seconds=3), stdin=b"...")   # no interpreter start-up
 
-Each worker slot has a fork server (`sandbox_zygote.py`, started once, root when we are root) that forks
+Each worker slot has a fork server (`zygote.py`, started once, root when we are root) that forks
 every run and sets it up with system calls, no helper binaries: a new session, then
 - namespaces: no network (a fresh network namespace has only a down loopback), a PID namespace whose init
   is a small reaper (when the program ends, or the init is killed, the kernel kills every process left
@@ -335,10 +335,10 @@ class Workspace:
 
 
 class _ForkServer:
-    """The harness's end of one slot's fork server (`sandbox_zygote.py`), started on first use and again
+    """The harness's end of one slot's fork server (`zygote.py`), started on first use and again
     after it died. Used by one workspace at a time (the slot's)."""
 
-    ZYGOTE = (Path(__file__).parent / "sandbox_zygote.py").read_text()
+    ZYGOTE = (Path(__file__).parent / "zygote.py").read_text()
     ENV = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
