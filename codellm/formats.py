@@ -38,6 +38,14 @@ def infill_prompt(tok: Tokenizer, prefix: str, suffix: str, order: Order = "psm"
     return [bos, pre, suf, *tok.encode_nospace(suffix), mid, *tok.encode(prefix)]
 
 
+def infill_text(prefix: str, suffix: str, order: Order = "psm") -> str:
+    """The infilling prompt as text, for text-only APIs (TGI's `inputs`) in front of a Code Llama tokenizer,
+    which reads the sentinels as its special pieces (Code Llama's own spacing: `<PRE> ` then the prefix)."""
+    if order == "psm":
+        return f"<PRE> {prefix} <SUF>{suffix} <MID>"
+    return f"<PRE> <SUF>{suffix} <MID> {prefix}"
+
+
 def infill_example(tok: Tokenizer, prefix: str, middle: str, suffix: str, order: Order = "psm") -> list[int]:
     """A FIM training sequence. No EOS follows <EOT> (the paper does not add one).
 

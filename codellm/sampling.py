@@ -12,6 +12,9 @@ import torch
 
 from codellm.errors import UserError
 
+# Below this, sampling is greedy: logits divided by less overflow float32 (and the result is argmax anyway).
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True)
 class SamplingParams:

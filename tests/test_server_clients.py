@@ -18,8 +18,8 @@ from codellm import formats
 from codellm.checkpoint import load_model
 from codellm.generate import chat, complete, infill, stream_text
 from codellm.options import engine_stream
+from codellm.prompt_rules import context_text
 from codellm.sampling import SamplingParams
-from codellm.server.prompts import context_text
 from codellm.tokenizer import load_tokenizer
 from tests.server_fixtures import shared_server, sse_data
 

@@ -7,9 +7,10 @@ import pytest
 
 from codellm import formats
 from codellm.cli import main
+from codellm.prompt_rules import context_text, keep_end, keep_start
 from codellm.server import auth
 from codellm.server.errors import ApiError
-from codellm.server.prompts import context_text, infill_with_context, keep_end, keep_start, sampling
+from codellm.server.prompts import infill_with_context, sampling
 from codellm.server.schemas import CompletionRequest, TGIRequest, parse
 
 

@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from codellm import formats
 from codellm.errors import UserError
+from codellm.prompt_rules import fit_completion, fit_infill
 from codellm.sampling import SamplingParams
 
 MAX_SERVER_STOPS = 4  # OpenAI's and TGI's default limit; the rest is applied here, after generation
@@ -113,21 +115,13 @@ class LocalGenerator(_Streaming):
                 yield done
 
     def _ids(self, spec: PromptSpec, params: SamplingParams) -> list[int]:
-        from codellm import formats
-
         ctx = self.model.cfg.max_seq_len
-        keep = ctx - min(params.max_new_tokens, ctx // 2)
+        keep = ctx - min(params.max_new_tokens, ctx // 2)  # what the prompt may use, the rest is for the answer
         if spec.suffix is not None:
-            prefix, suffix = spec.prompt, spec.suffix
-            while len(ids := formats.infill_prompt(self.tok, prefix, suffix, spec.order)) > keep:
-                # too long for the context: drop the start of the prefix and the end of the suffix
-                self.truncated_prompts += prefix == spec.prompt and suffix == spec.suffix
-                prefix, suffix = prefix[len(prefix) // 4 + 1 :], suffix[: len(suffix) * 3 // 4]
-            return ids
-        ids = self.tok.encode(spec.prompt, bos=True)
-        if len(ids) > keep:  # a prompt longer than the context keeps its end (the problem), after BOS
-            self.truncated_prompts += 1
-            ids = ids[:1] + ids[len(ids) - keep + 1 :]
+            ids, truncated = fit_infill(self.tok, spec.prompt, spec.suffix, spec.order, keep)
+        else:
+            ids, truncated = fit_completion(self.tok, spec.prompt, keep)
+        self.truncated_prompts += truncated
         return ids
 
     def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[tuple[int, str]]:
@@ -267,13 +261,7 @@ class TGIGenerator(_HTTPGenerator):
             parameters["stop"] = list(spec.stop[:MAX_SERVER_STOPS])
         if (seed := sample_seed(params, spec, j)) is not None:
             parameters["seed"] = seed
-        inputs = spec.prompt
-        if spec.suffix is not None:
-            inputs = (
-                f"<PRE> {spec.prompt} <SUF>{spec.suffix} <MID>"
-                if spec.order == "psm"
-                else f"<PRE> <SUF>{spec.suffix} <MID> {spec.prompt}"
-            )
+        inputs = spec.prompt if spec.suffix is None else formats.infill_text(spec.prompt, spec.suffix, spec.order)
         answer = self.post({"inputs": inputs, "parameters": parameters})
         if isinstance(answer, list):  # the compat route wraps the answer in an array
             answer = answer[0] if answer else {}

@@ -1,9 +1,9 @@
 """Request fields -> prompt ids and SamplingParams: where the server turns text into tokens.
 
 Infilling always goes through `formats.infill_prompt`, the one FIM formatting function; repository context
-(`input_extra` of /infill) is plain text put in front of the prefix, so it passes through it too. When a
-prompt does not fit, the prefix keeps its end and the suffix its start (the text next to the gap), cut at
-line starts where possible; the context fills what is left, keeping its end (nearest the prefix).
+(`input_extra` of /infill) is plain text put in front of the prefix, so it passes through it too. Prompts
+that do not fit follow codellm/prompt_rules.py, the rules the eval harness uses too; here they become
+errors named after the request's fields.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import secrets
 
 from codellm import formats
 from codellm.errors import UserError
-from codellm.sampling import SamplingParams
+from codellm.prompt_rules import fit_infill
+from codellm.sampling import MIN_TEMPERATURE, SamplingParams
 from codellm.server.errors import ApiError, invalid
 from codellm.tokenizer import Tokenizer
-
-# Below this, sampling is greedy: logits divided by less overflow float32 (and the result is argmax anyway).
-MIN_TEMPERATURE = 1e-3
 
 
 def sampling(
@@ -112,56 +110,4 @@ def infill_with_context(
 ) -> tuple[list[int], bool]:
     """Infilling prompt ids within `budget` tokens, with other files' text as context; -> (ids, truncated)."""
     require_infilling(tok, "input_prefix")
-    avail = budget - len(formats.infill_prompt(tok, "", "", order))
-    n_prefix, n_suffix = len(tok.encode(prefix)), len(tok.encode_nospace(suffix))
-    truncated = n_prefix + n_suffix > avail
-    if truncated:  # llama.cpp's split: the suffix gets at least a quarter, the prefix the rest
-        suffix = keep_start(tok, suffix, max(avail // 4, avail - n_prefix))
-        prefix = keep_end(tok, prefix, avail - len(tok.encode_nospace(suffix)))
-    context = context_text(extra)
-    if context:
-        room = avail - len(tok.encode(prefix)) - len(tok.encode_nospace(suffix))
-        kept = keep_end(tok, context, room)
-        truncated |= kept != context
-        prefix = kept + prefix
-    ids = formats.infill_prompt(tok, prefix, suffix, order)
-    while len(ids) > budget:  # tokens can merge across the joins: drop a little more of the prefix
-        truncated = True
-        prefix = keep_end(tok, prefix, len(tok.encode(prefix)) - (len(ids) - budget))
-        ids = formats.infill_prompt(tok, prefix, suffix, order)
-    return ids, truncated
-
-
-def context_text(extra: list[tuple[str, str]]) -> str:
-    """Other files of the repository, each under a `--- filename ---` line, then a blank line."""
-    parts = [f"--- {name} ---\n{text}" + ("" if text.endswith("\n") else "\n") for name, text in extra]
-    return "".join(parts) + "\n" if parts else ""
-
-
-def keep_end(tok: Tokenizer, text: str, limit: int) -> str:
-    """The longest tail of `text` that encodes to at most `limit` tokens, starting at a line when it can."""
-    start = _cut(lambda s: len(tok.encode(text[s:])), len(text), limit)
-    if start > 0 and text[start - 1] != "\n" and (nl := text.find("\n", start)) >= 0 and nl + 1 < len(text):
-        start = nl + 1
-    return text[start:]
-
-
-def keep_start(tok: Tokenizer, text: str, limit: int) -> str:
-    """The longest head of `text` that encodes to at most `limit` tokens, ending after a newline when it can."""
-    end = len(text) - _cut(lambda e: len(tok.encode_nospace(text[: len(text) - e])), len(text), limit)
-    if end < len(text) and (nl := text.rfind("\n", 0, end)) > 0:
-        end = nl + 1
-    return text[:end]
-
-
-def _cut(count, length: int, limit: int) -> int:
-    """How many characters to drop (from the start of a tail, or the end of a head) so that count() <= limit.
-
-    Drops in proportion to the excess, a few encodes in all (a binary search would encode long texts ~20 times).
-    """
-    if limit <= 0:
-        return length
-    cut = 0
-    while cut < length and (n := count(cut)) > limit:
-        cut = min(length, cut + max(1, (length - cut) * (n - limit) // n))
-    return cut
+    return fit_infill(tok, prefix, suffix, order, budget, extra)
