@@ -31,7 +31,8 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--model", type=Path, default=None,
                    help="HF-layout model directory (default: $CODELLM_MODEL, else the shipped models/default, "
                         "or models/default-instruct for chat)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--device", default="auto", help="auto (cuda when a GPU is there, else cpu; every command's "
+                                                    "default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                                                   "bfloat16 on cuda)")
 
@@ -80,6 +81,18 @@ def sampling_params(args):
                           stop=tuple(args.stop), heal=hasattr(args, "no_heal") and not args.no_heal)
 
 
+def resolve_device(name: str | None) -> str:
+    """The one --device rule of every command: "auto" (or None) is cuda when a GPU is there, else cpu; a
+    cuda device asked for on a machine without one is an error."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available on this machine")
+    return name
+
+
 def load(args, instruct: bool = False):
     """(model, tokenizer) from --model/--device/--dtype."""
     from codellm.checkpoint import load_model
@@ -89,11 +102,7 @@ def load(args, instruct: bool = False):
     if args.model is None and not path.is_dir():
         raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
                         "(a Hugging Face Llama/Code Llama directory)")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is available on this machine")
+    args.device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)
 

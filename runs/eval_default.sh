@@ -23,7 +23,7 @@ FULL=${FULL:-0}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$OUT"
 
-common=(--model "$MODEL" --device "$DEVICE" --batch-size "$BATCH")
+common=(--model "$MODEL" --device "$DEVICE" --max-batch "$BATCH")
 [ -n "${LIMIT:-}" ] && common+=(--limit "$LIMIT")
 [ -n "${WORKERS:-}" ] && common+=(--workers "$WORKERS")
 

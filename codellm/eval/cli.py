@@ -72,7 +72,9 @@ def _run_options(p: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     add_sampling_options(p, max_new_tokens=max_new_tokens, heal=True)
     g = p.add_argument_group("generation")
     g.add_argument("--n", type=int, default=1, help="samples per problem (default 1: greedy pass@1)")
-    g.add_argument("--batch-size", type=int, default=16, help="requests the local engine runs together")
+    g.add_argument("--max-batch", "--batch-size", dest="batch_size", type=int, default=16,
+                   help="requests the local engine runs together, as `serve --max-batch` (--batch-size: the "
+                        "older name)")
     g.add_argument("--compile", action="store_true",
                    help="the local engine's fast decode step (native on a CPU; needs a C++ compiler)")
     g.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -131,7 +133,7 @@ def cmd_run(args) -> None:
     from codellm.options import sampling_params
 
     start = time.monotonic()
-    _positive(args, "n", "batch_size", "concurrency", "limit")
+    _positive(args, "n", "batch_size", "concurrency", "limit")  # batch_size: --max-batch
     if args.n > 1 and args.temperature == 0:
         raise UserError("--n > 1 needs sampling: set --temperature (Code Llama: 0.8 with --top-p 0.95)")
     task, params = make_task(args), sampling_params(args)

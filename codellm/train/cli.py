@@ -26,7 +26,7 @@ RUN_FLAGS = [
     ("--batch-tokens", int, "tokens per optimizer step over all ranks (a multiple of rows x seq-len x ranks)"),
     ("--micro-batch-size", int, "rows per forward pass on one rank (gradient accumulation fills the rest)"),
     ("--seed", int, "seed of the initialisation and of the data order/transform"),
-    ("--device", str, "cpu, cuda (default: cuda if available)"),
+    ("--device", str, "auto (default: cuda when a GPU is there, else cpu), cpu, cuda, cuda:1, ..."),
     ("--precision", str, "auto (bf16 autocast on CUDA), bf16 or fp32"),
     ("--log-every", int, "steps between progress lines"),
     ("--eval-every", int, "steps between validation losses (0 = off)"),
@@ -84,7 +84,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     loss.add_argument("--rows", type=int, default=8, help="rows per batch (default 8)")
     loss.add_argument("--batches", type=int, default=16, help="batches scored (default 16)")
     loss.add_argument("--fim-rate", type=float, default=0.9, help="share of infilling examples, as training (0.9)")
-    loss.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    loss.add_argument("--device", default="auto", help="auto (default: cuda when a GPU is there), cpu, cuda")
     loss.add_argument("--json", action="store_true", help="print one JSON object")
     loss.set_defaults(func=run_val_loss)
 

@@ -34,10 +34,9 @@ def setup(device: str | None) -> Dist:
     """Join the process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in
                                (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available on this machine")
-    dev = torch.device(name)
+    from codellm.options import resolve_device
+
+    dev = torch.device(resolve_device(device))
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)  # nccl and all_gather_object use the current device

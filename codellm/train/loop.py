@@ -132,7 +132,9 @@ def corpus_loss(model_dir: str, corpus: str, seq_len: int, batches: int, rows: i
                 fim_rate: float = 0.9, split: str = "val", seed: int = 0) -> tuple[float, int]:
     """(mean loss in nats per target token, tokens scored) of a saved model on a corpus split, the way
     training validates: the same rows for any model with the same tokenizer, so two models compare."""
-    d = distributed.Dist(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    from codellm.options import resolve_device
+
+    d = distributed.Dist(0, 1, torch.device(resolve_device(device)))
     model = load_model(model_dir, dtype="float32").to(d.device)
     if seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context {model.cfg.max_seq_len}")
