@@ -12,6 +12,12 @@
 # everything, default 215). Wheels in .whl/ (starlette, uvicorn, pydantic, ...: what the GPU machine lacks for
 # `codellm serve`) are installed into a temporary directory put first on PYTHONPATH, each unless the machine
 # has it at that version or newer; the dry run leaves them out (they are built for the GPU machine's Python 3.12).
+# .whl/ is ignored by git; a session rebuilds it on its own machine (versions as used on 2026-12-04):
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 \
+#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 click==8.5.1 \
+#     typing-extensions==4.16.0 protobuf==7.36.2
 set -uo pipefail  # no -e: a failing section is recorded and the next one runs
 cd "$(dirname "$0")/.."
 REPO=$PWD
