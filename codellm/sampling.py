@@ -101,9 +101,6 @@ class Healing:
     allowed: tuple[int, ...]
 
 
-_token_texts: dict[int, list[str]] = {}  # id(tokenizer) -> text of every token as a continuation
-
-
 def heal_prompt(tok, ids: list[int]) -> tuple[list[int], Healing | None]:
     """Token healing (Lundberg 2023, guidance): a prompt that ends inside what the tokenizer would merge
     with the next text (e.g. "\n" where training text has "\n   " + " return") ends on a token the model
@@ -112,9 +109,7 @@ def heal_prompt(tok, ids: list[int]) -> tuple[list[int], Healing | None]:
     are left as they are."""
     if len(ids) < 2 or tok.is_special(ids[-1]):
         return ids, None
-    texts = _token_texts.get(id(tok))
-    if texts is None:
-        texts = _token_texts[id(tok)] = [tok.decode_continuation([i]) for i in range(tok.vocab_size)]
+    texts = tok.continuation_texts
     tail = texts[ids[-1]]
     if not tail or "\ufffd" in tail:  # a piece of a multi-byte character: no text to match
         return ids, None

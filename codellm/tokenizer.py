@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -116,6 +117,11 @@ class Tokenizer(ABC):
         """Text of `ids` as it continues earlier text: keeps a leading space (Meta's `decode_infilling`)."""
         text = self._decode([self._anchor] + [i for i in ids if i not in self.special_ids])
         return text[len(self._anchor_text):]
+
+    @cached_property
+    def continuation_texts(self) -> list[str]:
+        """Every token's text as a continuation (token healing matches a prompt's tail against them)."""
+        return [self.decode_continuation([i]) for i in range(self.vocab_size)]
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
