@@ -2,6 +2,7 @@
 
     kv_cache.py   SlotKVCache: slots allocated once, prefix records, swaps; SlotView for one forward
     scheduler.py  Request and the token-budget Scheduler (which requests run, dense decode rows)
+    model_runner.py  ModelRunner: runs decode rows and prompt chunks; owns the KV layout and the decode path
     sampler.py    per-row sampling through sampling.sample_next with per-request generators
     engine.py     Engine: submit / cancel / step / run / stream / generate, EngineEvent, Completion
     runner.py     EngineRunner: the engine loop in a thread, per-request streams for threads and asyncio

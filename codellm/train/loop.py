@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -140,9 +141,8 @@ def corpus_loss(model_dir: str, corpus: str, seq_len: int, batches: int, rows: i
         raise UserError(f"--seq-len {seq_len} exceeds the model's context {model.cfg.max_seq_len}")
     cfg = TrainConfig(stage="pretrain", init=model_dir, micro_batch_size=rows, eval_batches=batches, seed=seed)
     cfg.data.corpus, cfg.data.fim_rate = corpus, fim_rate
-    bf16 = d.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    loss = evaluate(model, cfg, load_tokenizer(model_dir), seq_len, d, autocast, split)
+    loss = evaluate(model, cfg, load_tokenizer(model_dir), seq_len, d,
+                    partial(autocast, d.device, uses_bf16(d.device, "auto")), split)
     if loss is None:
         raise UserError(f"--corpus {corpus}: no {split} documents")
     return loss, batches * rows * seq_len
@@ -194,12 +194,20 @@ class Run:
 
     @property
     def bf16(self) -> bool:
-        """bf16 autocast: asked for, or by default where the hardware has it (CUDA with bf16)."""
-        cuda_bf16 = self.d.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and cuda_bf16)
+        return uses_bf16(self.d.device, self.cfg.precision)
 
     def autocast(self):
-        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.d.device, self.bf16)
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast: asked for, or by default where the hardware has it (CUDA with bf16)."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16" or (precision == "auto" and cuda_bf16)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
