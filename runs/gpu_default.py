@@ -23,21 +23,13 @@ RECORDS = ("config.json", "metrics.jsonl", "loss.png", "final/training.json", "f
 
 
 def peak() -> None:
+    """bench/gpu.py's measurement: torch.mm of random 8192^3 bf16 matrices, median, CUDA events."""
     import torch
 
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    print(f"{2 * n**3 / sorted(times)[len(times) // 2] / 1e12:.0f}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from gpu import matmul_peak
+
+    print(f"{matmul_peak(torch.device('cuda'), 8192, torch.bfloat16) / 1e12:.0f}")
 
 
 def export(model_dir: str, name: str, out: str, run: str) -> None:
