@@ -112,7 +112,8 @@ def card(run: Path, name: str, stages: list[str], model_dir: Path, instruct: boo
     permissive = sorted({p["license"] for p in corpus["packages"] if p.get("permissive")}) \
         if isinstance(corpus.get("packages"), list) else []
     script = "runs/gpu_default.sh" if device else "runs/default_model.sh"
-    where = (f"one {device.split(',')[0]} GPU" if device else "2 CPU cores")
+    chip = device.split(" | ")[0].split(",")[0] if device else None
+    where = "2 CPU cores" if chip is None else "the CPU" if chip == "cpu" else f"one {chip} GPU"
     contexts = [summaries[s]["config"]["data"]["seq_len"] for s in ("pretrain", "long") if s in summaries]
     lines = [
         f"# codellm {name}",
@@ -237,6 +238,8 @@ def main():
         if folder is not None and not (folder / "SUMMARY.md").is_file():
             ap.error(f"{flag} {folder}: no SUMMARY.md there (make it with runs/eval_default.sh)")
     if args.gpu_files is not None:
+        if not (args.gpu_files / "records.tar.gz").is_file():
+            ap.error(f"--gpu-files {args.gpu_files}: no records.tar.gz there (runs/gpu_default.sh writes it to $OUT)")
         unpack_gpu_files(args.gpu_files, args.run)
     compare = tuple(args.compare) if args.compare else None
     print(ship(args.run, "default", "long", ["pretrain", "long"], args.out, False, args.eval_base, compare))

@@ -74,3 +74,15 @@ def test_gpu_default_dry_run(tmp_path):
     assert model.cfg.rope_theta == 1e6 and model.cfg.max_seq_len == 256  # long-context: theta 1e6, context x2
     text = collect(complete(model, tok, "def f(x):", SamplingParams(max_new_tokens=4)))
     assert isinstance(text, str)
+
+    # and runs/ship_default.py turns the same files into models/ folders with cards from the run's records
+    ship = [sys.executable, "runs/ship_default.py", "--run", str(tmp_path / "shipped-run"), "--out",
+            str(tmp_path / "models")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(ship + ["--gpu-files", str(out)], cwd=REPO, check=True, env=env, capture_output=True)
+    card = (tmp_path / "models" / "default" / "MODEL_CARD.md").read_text()
+    assert "(`runs/gpu_default.sh`) on the CPU" in card and "| pretrain |" in card and "| long-context |" in card
+    assert (tmp_path / "models" / "default-instruct" / "sft_loss.png").is_file()
+    assert load_model(tmp_path / "models" / "default-instruct").cfg.rope_theta == 1e6
+    bad = subprocess.run(ship + ["--gpu-files", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no records.tar.gz there" in bad.stderr
