@@ -29,6 +29,7 @@ from codellm.model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what a causal LM takes (no token_type_ids)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -135,6 +136,7 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            write_input_names(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _umask_permissions(tmp)
@@ -143,6 +145,19 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_input_names(folder: Path):
+    """Name the model's inputs in tokenizer_config.json (input_ids, attention_mask), as Llama's tokenizer
+    classes do: transformers' generic `PreTrainedTokenizerFast` otherwise also returns `token_type_ids`,
+    which `LlamaForCausalLM.generate(**tokenizer(text, return_tensors="pt"))` refuses."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file() and not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        return
+    config = _read_json(path) if path.is_file() else {}
+    if "model_input_names" not in config:
+        config["model_input_names"] = list(MODEL_INPUT_NAMES)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int):
