@@ -35,13 +35,13 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingP
         logits = model(tokens, positions, cache, last_only=True)[0, -1]
         if allowed is not None:
             logits, allowed = restrict(logits, allowed), None
-        token = sample_next(logits, params, generator, context)
+        token = sample_next(logits, params, generator, context, len(prompt_ids))
         yield token
         if token in stop_ids:
             return
         tokens = torch.tensor([[token]], device=device)
         positions = positions[:, -1:] + 1
-        if params.repetition_penalty != 1.0:
+        if params.penalised:
             context = torch.cat([context, tokens[0]])
 
 

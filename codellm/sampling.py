@@ -23,6 +23,10 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # 0 means no top-k cut
     repetition_penalty: float = 1.0  # CTRL/HF rule over prompt and generated tokens; 1 is off
+    # OpenAI's rule over the generated tokens only (as vLLM): logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    typical_p: float = 1.0  # locally typical sampling (Meister et al. 2022, HF's TypicalLogitsWarper); 1 is off
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, matched on decoded text, not included in the output
     stop_ids: tuple[int, ...] = ()  # extra stop token ids (EOS and EOT always stop)
@@ -47,6 +51,11 @@ class SamplingParams:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
         if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2] (got {getattr(self, name)!r})")
+        if not 0 < self.typical_p <= 1:
+            problems.append(f"typical_p must be in (0, 1] (got {self.typical_p!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
@@ -58,15 +67,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether sampling reads the tokens so far (a penalty is on): callers pass them as `context`."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                context: torch.Tensor | None = None) -> int:
-    """Pick the next token from one row of logits (vocab,), a pure function of its inputs."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and context is not None and context.numel():
-        seen = logits[context]
-        logits = logits.scatter(0, context, torch.where(seen > 0, seen / params.repetition_penalty,
-                                                        seen * params.repetition_penalty))
+                context: torch.Tensor | None = None, n_prompt: int = 0) -> int:
+    """Pick the next token from one row of logits (vocab,), a pure function of its inputs. `context` holds
+    the prompt's `n_prompt` ids and then the generated ones (needed when `params.penalised`).
+
+    Order (vLLM's and TGI's): repetition penalty, presence/frequency penalties, then (sampling only)
+    temperature, top-k, top-p, typical-p."""
+    logits = penalise(logits.float(), params, context, n_prompt)
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
@@ -80,7 +94,40 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = sorted_probs.cumsum(0) - sorted_probs > params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if params.typical_p < 1.0:
+        probs = typical(probs / probs.sum(), params.typical_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def penalise(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None, n_prompt: int = 0):
+    """logits (vocab,) float32 with the repetition penalty (CTRL/HF: every token of `context`) and OpenAI's
+    presence/frequency penalties (the generated tokens, `context[n_prompt:]`) applied."""
+    if context is None or not context.numel():
+        return logits
+    if params.repetition_penalty != 1.0:
+        seen = logits[context]
+        logits = logits.scatter(0, context, torch.where(seen > 0, seen / params.repetition_penalty,
+                                                        seen * params.repetition_penalty))
+    generated = context[n_prompt:]
+    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.numel()).to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def typical(probs: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprisal is closest to the distribution's entropy
+    until they hold `mass` of the probability (at least one token); HF's TypicalLogitsWarper rule, on a
+    normalised probability row (zeros stay out)."""
+    logp = probs.log()
+    entropy = -(probs * logp).nansum()
+    shifted = (-logp - entropy).abs()  # inf for tokens already dropped: they sort last
+    sorted_shift, order = shifted.sort()
+    cumulative = probs[order].cumsum(0)
+    last = min(int((cumulative < mass).sum()), probs.numel() - 1)
+    drop = sorted_shift > sorted_shift[last]
+    drop[0] = False
+    return probs.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), 0.0)
 
 
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:

@@ -2,7 +2,7 @@
 
 Every row goes through `sampling.sample_next`, the reference generator's code path, with its own
 `torch.Generator` consumed exactly as the reference consumes it; so a seeded request draws the same
-tokens whatever else is in the batch. Plain greedy rows (no repetition penalty) need no per-row work and
+tokens whatever else is in the batch. Plain greedy rows (no penalty) need no per-row work and
 share one argmax. `token_logprobs` reports what rows asked for (`SamplingParams.logprobs`) from the same
 logits, untouched by penalty and temperature (the model's own distribution, as vLLM reports by default).
 """
@@ -30,14 +30,13 @@ def sample_rows(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             out[i] = token
     for i, req in enumerate(requests):
         if not _plain_greedy(req.params):
-            penalised = req.params.repetition_penalty != 1.0
-            context = torch.tensor(req.tokens, device=logits.device) if penalised else None
-            out[i] = sample_next(logits[i], req.params, req.generator, context)
+            context = torch.tensor(req.tokens, device=logits.device) if req.params.penalised else None
+            out[i] = sample_next(logits[i], req.params, req.generator, context, req.n_prompt)
     return out
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
-    return params.greedy and params.repetition_penalty == 1.0
+    return params.greedy and not params.penalised
 
 
 def token_logprobs(logits: torch.Tensor, requests: list[Request],
