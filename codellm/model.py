@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codellm import weights
 from codellm.config import ModelConfig
 
 
@@ -96,7 +97,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv_weight: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
+        self.qkv: nn.Module | None = None  # q/k/v as one linear, set by Transformer.fuse_projections
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -105,8 +106,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_weight is not None:  # one matmul, and one RoPE over the query and key heads together
-            qkv = F.linear(x, self.qkv_weight).view(B, T, H + 2 * KV, hd).transpose(1, 2)
+        if self.qkv is not None:  # one matmul, and one RoPE over the query and key heads together
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2)
             qk = apply_rope(qkv[:, :H + KV], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         else:
@@ -128,11 +129,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by Transformer.fuse_projections (inference)
+        self.gate_up: nn.Module | None = None  # gate/up as one linear, set by Transformer.fuse_projections
 
     def forward(self, x):
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -175,15 +176,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> Transformer:
-        """For inference: store q/k/v and gate/up weights as one matrix each, so a step runs 2 matmuls
-        where it ran 5 (the per-op cost dominates small-batch decode on a CPU). The separate weights
-        become views into the fused ones: names, state_dict and memory stay as they were. Frozen
-        afterwards (the fused path has no gradients to the separate weights)."""
+        """For inference: q/k/v and gate/up as one linear each (`weights.fuse`, any weight format), so a
+        step runs 2 matmuls where it ran 5 (the per-op cost dominates small-batch decode on a CPU). The
+        separate weights become views into the fused ones: names, state_dict and memory stay as they
+        were. Frozen afterwards (the fused path has no gradients to the separate weights)."""
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
-            if attn.qkv_weight is None:
-                attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-                mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+            if attn.qkv is None:
+                # plain attributes, not submodules: their weights are the projections' own
+                object.__setattr__(attn, "qkv", weights.fuse(attn.q_proj, attn.k_proj, attn.v_proj))
+                object.__setattr__(mlp, "gate_up", weights.fuse(mlp.gate_proj, mlp.up_proj))
         return self.requires_grad_(False)
 
     @torch.no_grad()
@@ -200,13 +202,3 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
         return self
 
-
-def _fuse(*linears: nn.Linear) -> torch.Tensor:
-    """One weight made of the rows of several linears, which then hold views of it."""
-    fused = torch.cat([lin.weight for lin in linears])
-    start = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
-        start += n
-    return fused

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from codellm.engine.kv_cache import SlotKVCache
 from codellm.engine.native import NativeDecodeStep, cxx_compiler
@@ -48,7 +47,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     new_k, new_v = [], []
     for i, block in enumerate(model.layers):
         attn = block.self_attn
-        qkv = F.linear(block.input_layernorm(x), attn.qkv_weight).view(B, H + 2 * KV, hd)
+        qkv = attn.qkv(block.input_layernorm(x)).view(B, H + 2 * KV, hd)
         qk = apply_rope(qkv[:, :H + KV], cos, sin)
         q, kn, vn = qk[:, :H].unflatten(1, (KV, H // KV)), qk[:, H:], qkv[:, H + KV:]  # q (B, KV, G, hd)
         # one bmm per KV head over the storage as it lies (a strided batch): a 4-d matmul would copy
@@ -64,10 +63,15 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         x = x + block.mlp(block.post_attention_layernorm(x))
         new_k.append(kn)
         new_v.append(vn)
-    # the head as W @ x^T: MKL's skinny GEMM for 2-8 rows ran 2-3x faster in this orientation (8192 x 256
-    # head, 1 thread, AVX2 EPYC), the same at 1 and 16 rows
-    logits = torch.mm(model.lm_head.weight, model.norm(x).t()).t()
-    return logits, torch.stack(new_k, 1), torch.stack(new_v, 1)
+    return _head(model.lm_head, model.norm(x)), torch.stack(new_k, 1), torch.stack(new_v, 1)
+
+
+def _head(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(head, torch.nn.Linear):
+        # a dense head as W @ x^T: MKL's skinny GEMM for 2-8 rows ran 2-3x faster in this orientation
+        # (8192 x 256 head, 1 thread, AVX2 EPYC), the same at 1 and 16 rows
+        return torch.mm(head.weight, x.t()).t()
+    return head(x)
 
 
 _compiled = None

@@ -39,9 +39,11 @@ from pathlib import Path
 
 import torch
 
+from codellm import weights
 from codellm.engine.kv_cache import SlotKVCache
 from codellm.errors import UserError
 from codellm.model import Transformer, rope_cos_sin
+from codellm.weights import NativeMatrix
 
 SOURCE = Path(__file__).with_name("native_decode.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
@@ -118,7 +120,8 @@ def library() -> ctypes.CDLL:
     if _library is None:
         lib = ctypes.CDLL(str(build_library()))
         lib.codellm_decoder_new.restype = ctypes.c_void_p
-        lib.codellm_decoder_new.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32] + [ctypes.c_void_p] * 8
+        lib.codellm_decoder_new.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p,
+                                            ctypes.POINTER(NativeMatrix)] + [ctypes.c_void_p] * 6
         lib.codellm_decoder_step.restype = None
         lib.codellm_decoder_step.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
                                              ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
@@ -134,7 +137,7 @@ class NativeDecodeStep:
     def __init__(self, model: Transformer, cache: SlotKVCache):
         cfg = model.cfg
         model.fuse_projections()
-        dtype = next(model.parameters()).dtype
+        dtype = model.embed_tokens.weight.dtype  # of the embedding, norms and KV cache; matrices say their own
         if dtype not in (torch.float32, torch.bfloat16) or cache.store_k.device.type != "cpu":
             raise UserError(f"the native decode step runs fp32 or bf16 models on the CPU (got {dtype} on "
                             f"{cache.store_k.device.type})")
@@ -145,30 +148,27 @@ class NativeDecodeStep:
         half = cfg.head_dim // 2
         # tensors whose memory the native side reads; kept here so they live as long as the decoder
         self._keep = [cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous()]
-        per_layer = []
+        matrices, norms = [], []
         for block in model.layers:
-            for w in (block.self_attn.qkv_weight, block.self_attn.o_proj.weight, block.mlp.gate_up_weight,
-                      block.mlp.down_proj.weight, block.input_layernorm.weight, block.post_attention_layernorm.weight):
-                per_layer.append(self._pointer(w, dtype))
+            for linear in (block.self_attn.qkv, block.self_attn.o_proj, block.mlp.gate_up, block.mlp.down_proj):
+                matrices.append(weights.native_matrix(linear))
+            norms += [weights.pointer(block.input_layernorm.weight, dtype),
+                      weights.pointer(block.post_attention_layernorm.weight, dtype)]
+        matrices.append(weights.native_matrix(model.lm_head))
         shape = (ctypes.c_int32 * 9)(cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                      cfg.hidden_dim, cfg.vocab_size, cache.n_slots, cache.max_len)
-        layers = (ctypes.c_void_p * len(per_layer))(*per_layer)
         self._handle = self.lib.codellm_decoder_new(
-            shape, cfg.norm_eps, dtype == torch.bfloat16, self._pointer(model.embed_tokens.weight, dtype), layers,
-            self._pointer(model.norm.weight, dtype), self._pointer(model.lm_head.weight, dtype),
-            self._pointer(cache.store_k, dtype), self._pointer(cache.store_v, dtype),
-            self._keep[0].data_ptr(), self._keep[1].data_ptr())
+            shape, cfg.norm_eps, dtype == torch.bfloat16, weights.pointer(model.embed_tokens.weight, dtype),
+            (NativeMatrix * len(matrices))(*matrices), (ctypes.c_void_p * len(norms))(*norms),
+            weights.pointer(model.norm.weight, dtype), weights.pointer(cache.store_k, dtype),
+            weights.pointer(cache.store_v, dtype), self._keep[0].data_ptr(), self._keep[1].data_ptr())
         # the native side holds raw pointers into these: keep them alive (and do not move the model's weights)
         self.model, self.cache, self.vocab = model, cache, cfg.vocab_size
         # prompt chunks too where PyTorch's matmuls are slower than ours: bf16 on a CPU without bf16 units
-        # (oneDNN ran a bf16 GEMM at 18 GFLOP/s here, ours at ~75; MKL's fp32 GEMM beats ours)
-        self.prefills = dtype == torch.bfloat16 and not _has_bf16_units()
-
-    def _pointer(self, t: torch.Tensor, dtype: torch.dtype) -> int:
-        if t.dtype != dtype or not t.is_contiguous():
-            raise UserError(f"the native decode step needs contiguous {dtype} tensors (got {t.dtype}, "
-                            f"contiguous={t.is_contiguous()})")
-        return t.data_ptr()
+        # (oneDNN ran a bf16 GEMM at 18 GFLOP/s here, ours at ~75; MKL's fp32 GEMM beats ours), and
+        # quantized matrices, which PyTorch widens to a dense copy on every forward
+        quantized = any(m.kind not in (weights.KIND_F32, weights.KIND_BF16) for m in matrices)
+        self.prefills = quantized or (dtype == torch.bfloat16 and not _has_bf16_units())
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int] | None = None,
                  logits_for: list[int] | None = None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 //
 // Built at first use by codellm/engine/native.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes with raw pointers: one call per step instead of ~100 PyTorch ops, each with its dispatch and
-// thread fork-join. Weights and KV cache are the model's own tensors (fp32 or bf16, not copied);
+// thread fork-join. Weights and KV cache are the model's own tensors (not copied): the KV cache, embedding
+// and norms fp32 or bf16, each matrix in its own kind (fp32, bf16, int8: see `Matrix`);
 // activations are fp32. Per layer: RMSNorm, fused q/k/v matmul, RoPE from the Python-built tables, the
 // new key/value written into the slot, attention over positions 0..pos, o_proj, RMSNorm, fused
 // gate/up, SwiGLU, down_proj; then the final norm and the head. Matmuls are split over output rows
@@ -23,6 +24,7 @@ namespace {
 using bf16 = uint16_t;
 
 inline float to_f32(float x) { return x; }
+inline float to_f32(int8_t x) { return float(x); }
 inline float to_f32(bf16 x) {
   uint32_t u = uint32_t(x) << 16;
   float f;
@@ -39,6 +41,9 @@ inline void from_f32(float x, bf16* out) {  // round to nearest even, as torch's
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const bf16* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -94,10 +99,20 @@ inline void tile(const float* x, int K, const T* W, int n, float* out, int ldo) 
   }
 }
 
-// out (B, N) = x (B, K) @ W (N, K)^T. Output rows are shared between the threads in blocks of 16; a
-// block's weight rows are read from memory once, for the first tile of batch rows, then from cache.
+// A weight matrix as codellm/weights.py describes it (`NativeMatrix`): rows of K values in one of these
+// kinds; int8 rows carry one fp32 scale each (weight-only: y = (x . q) * scale). A new weight format is
+// a kind here, its `load8`/`to_f32` and its case in `matmul`.
+enum Kind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
+struct Matrix {
+  int32_t kind, group;
+  const void* data;
+  const float* scales;
+};
+
+// out (B, N) = x (B, K) @ W (N, K)^T [* scales]. Output rows are shared between the threads in blocks of
+// 16; a block's weight rows are read from memory once, for the first tile of batch rows, then from cache.
 template <typename T>
-void matmul(const float* x, int B, int K, const T* W, int N, float* out, int threads) {
+void matmul_rows(const float* x, int B, int K, const T* W, const float* scales, int N, float* out, int threads) {
   const int blocks = (N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int blk = 0; blk < blocks; blk++) {
@@ -107,6 +122,17 @@ void matmul(const float* x, int B, int K, const T* W, int N, float* out, int thr
       for (int n = lo; n < hi; n++) tile<4>(x + size_t(b) * K, K, W, n, out + size_t(b) * N, N);
     for (; b < B; b++)
       for (int n = lo; n < hi; n++) tile<1>(x + size_t(b) * K, K, W, n, out + size_t(b) * N, N);
+    if (scales)
+      for (int r = 0; r < B; r++)
+        for (int n = lo; n < hi; n++) out[size_t(r) * N + n] *= scales[n];
+  }
+}
+
+void matmul(const float* x, int B, int K, const Matrix& W, int N, float* out, int threads) {
+  switch (W.kind) {
+    case BF16: return matmul_rows(x, B, K, static_cast<const bf16*>(W.data), nullptr, N, out, threads);
+    case INT8: return matmul_rows(x, B, K, static_cast<const int8_t*>(W.data), W.scales, N, out, threads);
+    default: return matmul_rows(x, B, K, static_cast<const float*>(W.data), nullptr, N, out, threads);
   }
 }
 
@@ -149,10 +175,11 @@ inline void axpy(float p, const T* v, float* out, int n) {
 struct Model {
   int layers, dim, heads, kv_heads, head_dim, hidden, vocab, slots, max_len;
   float eps;
-  const void* embed;
-  std::vector<const void*> qkv, o, gate_up, down, norm_in, norm_post;
+  const void* embed;  // embedding, norms and KV cache: the model's dtype (T of `step`)
+  std::vector<Matrix> qkv, o, gate_up, down;
+  std::vector<const void*> norm_in, norm_post;
   const void* norm_final;
-  const void* lm_head;
+  Matrix lm_head;
   void* store_k;
   void* store_v;
   const float* rope_cos;  // (max_len, head_dim / 2)
@@ -176,7 +203,7 @@ void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions
   const float scale = 1.f / std::sqrt(float(hd));
   for (int l = 0; l < m.layers; l++) {
     rms_norm(x.data(), B, D, static_cast<const T*>(m.norm_in[l]), m.eps, xn.data());
-    matmul(xn.data(), B, D, static_cast<const T*>(m.qkv[l]), QKV, qkv.data(), threads);
+    matmul(xn.data(), B, D, m.qkv[l], QKV, qkv.data(), threads);
     for (int b = 0; b < B; b++) {
       const float* c = m.rope_cos + size_t(positions[b]) * half;
       const float* s = m.rope_sin + size_t(positions[b]) * half;
@@ -218,50 +245,51 @@ void step(const Model& m, int B, const int64_t* tokens, const int64_t* positions
       for (int t = 0; t < n; t++)
         for (int j = 0; j < G; j++) axpy(score[size_t(j) * n + t], sv + base + size_t(t) * hd, out + size_t(j) * hd, hd);
     }
-    matmul(att.data(), B, H * hd, static_cast<const T*>(m.o[l]), D, tmp.data(), threads);
+    matmul(att.data(), B, H * hd, m.o[l], D, tmp.data(), threads);
     for (size_t i = 0; i < x.size(); i++) x[i] += tmp[i];
     rms_norm(x.data(), B, D, static_cast<const T*>(m.norm_post[l]), m.eps, xn.data());
-    matmul(xn.data(), B, D, static_cast<const T*>(m.gate_up[l]), 2 * m.hidden, gu.data(), threads);
+    matmul(xn.data(), B, D, m.gate_up[l], 2 * m.hidden, gu.data(), threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int bi = 0; bi < B * m.hidden; bi++) {  // SwiGLU: silu(gate) * up
       const int b = bi / m.hidden, i = bi % m.hidden;
       const float gate = gu[size_t(b) * 2 * m.hidden + i], up = gu[size_t(b) * 2 * m.hidden + m.hidden + i];
       act[bi] = gate / (1.f + std::exp(-gate)) * up;
     }
-    matmul(act.data(), B, m.hidden, static_cast<const T*>(m.down[l]), D, tmp.data(), threads);
+    matmul(act.data(), B, m.hidden, m.down[l], D, tmp.data(), threads);
     for (size_t i = 0; i < x.size(); i++) x[i] += tmp[i];
   }
   for (int r = 0; r < n_out; r++)  // the head only for the rows that want logits (a chunk's last token)
     rms_norm(x.data() + size_t(out_rows[r]) * D, 1, D, static_cast<const T*>(m.norm_final), m.eps, xn.data() + size_t(r) * D);
-  matmul(xn.data(), n_out, D, static_cast<const T*>(m.lm_head), m.vocab, logits, threads);
+  matmul(xn.data(), n_out, D, m.lm_head, m.vocab, logits, threads);
 }
 
 struct Decoder {
   Model m;
-  bool bf16_weights;
+  bool bf16_model;
 };
 
 }  // namespace
 
 extern "C" {
 
-// shape: layers, dim, heads, kv_heads, head_dim, hidden, vocab, slots, max_len; per_layer: 6 pointers a
-// layer (qkv, o, gate_up, down, input norm, post-attention norm)
-void* codellm_decoder_new(const int32_t* shape, float eps, int32_t bf16_weights, const void* embed,
-                          const void* const* per_layer, const void* norm_final, const void* lm_head, void* store_k,
+// shape: layers, dim, heads, kv_heads, head_dim, hidden, vocab, slots, max_len; matrices: 4 a layer (qkv,
+// o, gate_up, down), then the head; norms: 2 a layer (input, post-attention). bf16_model: the dtype of the
+// embedding, the norms and the KV cache (fp32 otherwise); each matrix says its own kind.
+void* codellm_decoder_new(const int32_t* shape, float eps, int32_t bf16_model, const void* embed,
+                          const Matrix* matrices, const void* const* norms, const void* norm_final, void* store_k,
                           void* store_v, const float* rope_cos, const float* rope_sin) {
   auto* d = new Decoder();
   Model& m = d->m;
   m.layers = shape[0], m.dim = shape[1], m.heads = shape[2], m.kv_heads = shape[3], m.head_dim = shape[4];
   m.hidden = shape[5], m.vocab = shape[6], m.slots = shape[7], m.max_len = shape[8];
-  m.eps = eps, m.embed = embed, m.norm_final = norm_final, m.lm_head = lm_head;
+  m.eps = eps, m.embed = embed, m.norm_final = norm_final, m.lm_head = matrices[4 * m.layers];
   m.store_k = store_k, m.store_v = store_v, m.rope_cos = rope_cos, m.rope_sin = rope_sin;
   for (int l = 0; l < m.layers; l++) {
-    const void* const* p = per_layer + 6 * l;
-    m.qkv.push_back(p[0]), m.o.push_back(p[1]), m.gate_up.push_back(p[2]), m.down.push_back(p[3]);
-    m.norm_in.push_back(p[4]), m.norm_post.push_back(p[5]);
+    const Matrix* w = matrices + 4 * l;
+    m.qkv.push_back(w[0]), m.o.push_back(w[1]), m.gate_up.push_back(w[2]), m.down.push_back(w[3]);
+    m.norm_in.push_back(norms[2 * l]), m.norm_post.push_back(norms[2 * l + 1]);
   }
-  d->bf16_weights = bf16_weights != 0;
+  d->bf16_model = bf16_model != 0;
   return d;
 }
 
@@ -271,7 +299,7 @@ void codellm_decoder_step(void* decoder, int32_t rows, const int64_t* tokens, co
                           const int64_t* slots, int32_t n_out, const int64_t* out_rows, float* logits,
                           int32_t threads) {
   const auto* d = static_cast<Decoder*>(decoder);
-  if (d->bf16_weights)
+  if (d->bf16_model)
     step<bf16>(d->m, rows, tokens, positions, slots, n_out, out_rows, logits, threads);
   else
     step<float>(d->m, rows, tokens, positions, slots, n_out, out_rows, logits, threads);
