@@ -18,6 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
+	@echo "demo: the default model (models/default) is tiny: 11M parameters, 6 GPU-minutes of training, Python-looking but not correct code; for useful output point --model at a Code Llama directory, e.g. codellm complete --model /path/CodeLlama-7b-hf"
 	$(PY) -m codellm info
 	$(PY) -m codellm complete --max-new-tokens 48 'def fibonacci(n):'
 	$(PY) -m codellm infill --max-new-tokens 48 --show-file \

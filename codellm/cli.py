@@ -15,7 +15,6 @@ from codellm.options import (
     add_engine_options,
     add_model_options,
     add_sampling_options,
-    default_model_path,
     engine_stream,
     load,
     run,
@@ -41,12 +40,20 @@ def read_text_arg(value: str | None, what: str) -> str:
     return sys.stdin.read()
 
 
+def require_text(text: str, what: str, blank_ok: bool = False) -> str:
+    """`text`, refused when empty (or, unless `blank_ok`, only whitespace): the model would have nothing
+    to continue but BOS."""
+    if not (text if blank_ok else text.strip()):
+        raise UserError(f"the {what} is empty: give it as an argument or on standard input")
+    return text
+
+
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_complete(args):
     params = sampling_params(args)
     model, tok = load(args)
-    prompt = read_text_arg(args.prompt, "prompt")
+    prompt = require_text(read_text_arg(args.prompt, "prompt"), "prompt", blank_ok=True)
     ids = tok.encode(prompt, bos=True)
     if args.echo:
         sys.stdout.write(prompt)
@@ -73,6 +80,8 @@ def cmd_infill(args):
         if args.prefix is None:
             raise UserError("infill needs --prefix (and usually --suffix), or --file with a --cursor mark")
         prefix, suffix = args.prefix, args.suffix or ""
+    if not (prefix or suffix):
+        raise UserError("--prefix and --suffix are both empty: there is nothing to fill between")
     model, tok = load(args)
     ids = formats.infill_prompt(tok, prefix, suffix, args.order)
     events = engine_stream(args, model, tok, ids, params)
@@ -91,10 +100,10 @@ def cmd_chat(args):
     model, tok = load(args, instruct=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
-        messages.append({"role": "user", "content": read_text_arg(args.message, "message")})
+        messages.append({"role": "user", "content": require_text(read_text_arg(args.message, "message"), "message")})
         print_stream(engine_stream(args, model, tok, formats.chat_tokens(tok, messages)[0], params))
         return
-    interactive = sys.stdin.isatty()
+    interactive, turns = sys.stdin.isatty(), 0
     while True:
         if interactive:
             sys.stdout.write(">>> ")
@@ -104,6 +113,7 @@ def cmd_chat(args):
             break
         if not line.strip():
             continue
+        turns += 1
         messages.append({"role": "user", "content": line.rstrip("\n")})
         answer = ""
         for event in engine_stream(args, model, tok, formats.chat_tokens(tok, messages)[0], params):
@@ -112,17 +122,21 @@ def cmd_chat(args):
             answer += event.text
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": answer})
+    if not interactive and not turns:
+        raise UserError("chat read no message from standard input (it was empty): give a message as an "
+                        "argument or on standard input")
 
 
 def cmd_info(args):
     from codellm.checkpoint import load_config, parse_dtype
     from codellm.config import ModelConfig
+    from codellm.options import model_dir
     from codellm.tokenizer import load_tokenizer
 
     if args.preset:
         cfg, tok, where = ModelConfig.from_preset(args.preset), None, f"preset {args.preset}"
     else:
-        path = args.model or default_model_path()
+        path = model_dir(args.model)
         cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
     dtype = parse_dtype(args.dtype or "bfloat16")
     nbytes = dtype.itemsize
@@ -130,7 +144,7 @@ def cmd_info(args):
     kv = cfg.kv_bytes_per_token(nbytes)
     rows = [
         ("model", where),
-        ("parameters", f"{n:,} ({n / 1e6:.1f}M)"),
+        ("parameters", f"{n:,} ({count(n)})"),
         ("layers / dim / ffn", f"{cfg.n_layers} / {cfg.dim} / {cfg.hidden_dim}"),
         ("heads (q / kv)", f"{cfg.n_heads} / {cfg.n_kv_heads}" + (" (GQA)" if cfg.n_kv_heads < cfg.n_heads else "")),
         ("context", f"{cfg.max_seq_len:,} tokens"),
@@ -158,12 +172,22 @@ def cmd_tokenizer_train(args):
 
     if args.max_docs is not None and args.max_docs < 1:
         raise UserError(f"--max-docs must be >= 1 (got {args.max_docs})")
+    if args.out.exists() and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace the tokenizer files in it")
     n_docs = load_manifest(args.corpus, CORPUS_FORMAT, "--corpus")["splits"]["train"]["docs"]
     # the corpus is stored package by package: an even stride samples every part of it
     stride = max(1, n_docs // args.max_docs) if args.max_docs else 1
     texts = islice((doc["text"] for doc in read_corpus(args.corpus, "train")), 0, None, stride)
     out = train_tokenizer(islice(texts, args.max_docs), args.out, vocab_size=args.vocab_size)
     print(f"tokenizer written to {out}")
+
+
+def count(n: int) -> str:
+    """A parameter count as people say it: 33.7B, 6.7B, 110.5M, 12.3K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _gib(n: float) -> str:
@@ -212,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="output directory (tokenizer.json + config)")
     t.add_argument("--vocab-size", type=int, default=16384)
     t.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+    t.add_argument("--force", action="store_true", help="replace the tokenizer files of an existing --out")
     t.set_defaults(func=cmd_tokenizer_train)
 
     from codellm.data import cli as data_cli

@@ -93,15 +93,24 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def model_dir(model: Path | None, instruct: bool = False) -> Path:
+    """The model directory of --model (default: `default_model_path`), checked to be a directory."""
+    path = Path(model) if model is not None else default_model_path(instruct)
+    if model is None and not path.is_dir():
+        raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
+                        "(a Hugging Face Llama/Code Llama directory)")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--model {path} is a file, not a directory: pass the model directory that holds "
+                        "config.json, the weights and the tokenizer")
+    return path
+
+
 def load(args, instruct: bool = False):
     """(model, tokenizer) from --model/--device/--dtype."""
     from codellm.checkpoint import load_model
     from codellm.tokenizer import load_tokenizer
 
-    path = args.model or default_model_path(instruct)
-    if args.model is None and not path.is_dir():
-        raise UserError(f"no --model given and the default model {path} is not there; pass --model DIR "
-                        "(a Hugging Face Llama/Code Llama directory)")
+    path = model_dir(args.model, instruct)
     args.device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)

@@ -116,6 +116,9 @@ def _hf_config() -> tuple[dict, dict]:
 def _write_atomically(tok: Tokenizer, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the tokenizer directory's mode
     try:
         tok.save(str(tmp / "tokenizer.json"))
         config, special_map = _hf_config()

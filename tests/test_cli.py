@@ -147,3 +147,45 @@ def test_error_no_cuda(tiny_model_dir):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     assert_user_error(run("complete", "x", "--model", tiny_model_dir, "--device", "cuda"), "no CUDA device")
+
+
+def test_error_empty_prompt_or_message(tiny_model_dir):
+    assert_user_error(run("complete", "", "--model", tiny_model_dir), "prompt is empty")
+    assert_user_error(run("complete", "--model", tiny_model_dir, stdin=""), "prompt is empty")
+    assert_user_error(run("chat", "", "--model", tiny_model_dir), "message is empty")
+    assert_user_error(run("chat", "  \n", "--model", tiny_model_dir), "message is empty")
+    assert_user_error(run("chat", "--model", tiny_model_dir, stdin=""), "read no message from standard input")
+    assert_user_error(run("infill", "--prefix", "", "--model", tiny_model_dir), "--prefix and --suffix are both empty")
+
+
+def test_error_model_is_a_file(tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    for command in (["complete", "x"], ["info"]):
+        assert_user_error(run(*command, "--model", weights), f"--model {weights} is a file, not a directory")
+
+
+def test_info_counts_parameters_in_billions():
+    out = run("info", "--preset", "codellama-34b")
+    assert "33,743,970,304 (33.7B)" in out.stdout, out.stdout
+    assert "(6.7B)" in run("info", "--preset", "codellama-7b").stdout
+
+
+def test_readme_shell_examples_turn_backslash_n_into_newlines():
+    """A README command line with '\\n' inside plain single quotes would pass a backslash and an n."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("codellm ")]
+    plain = [m for line in commands for m in re.finditer(r"(?<!\$)'([^']*)'", line) if "\\n" in m.group(1)]
+    assert not plain, [m.group(0) for m in plain]
+    assert any("$'def add(a, b):\\n" in line for line in commands)
+
+
+def test_make_demo_says_the_model_is_tiny_first():
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    recipe = make.split("\ndemo:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert recipe[0].lstrip().startswith("@echo") and "tiny" in recipe[0] and "--model" in recipe[0], recipe[0]
+    assert "codellm" in recipe[1]  # the line comes before any output of the model
