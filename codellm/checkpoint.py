@@ -30,7 +30,8 @@ from codellm.model import Transformer
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what a causal LM takes (no token_type_ids)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -15,7 +15,9 @@ switched off, which matches transformers' `CodeLlamaTokenizer(legacy=False)` id 
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if (path / "tokenizer.json").is_file():
         return HFTokenizer(path / "tokenizer.json", config)
     if (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model", config)
+        return SentencePieceTokenizer(path / "tokenizer.model", config, read_added_tokens(path, config))
     raise UserError(f"tokenizer: {path} contains neither tokenizer.json nor tokenizer.model")
 
 
@@ -136,26 +138,75 @@ class Tokenizer(ABC):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, model_path: Path, config: dict):
+    """`tokenizer.model`, plus the tokens a transformers save adds on top of it (`read_added_tokens`):
+    Code Llama's infilling tokens may live there instead of in the SentencePiece vocabulary."""
+
+    def __init__(self, model_path: Path, config: dict, added: dict[int, AddedToken] | None = None):
         proto = model_path.read_bytes()
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
             self._sp_nospace = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
         except Exception as e:  # sentencepiece raises bare RuntimeError / protobuf DecodeError
             raise UserError(f"tokenizer: {model_path} is not a SentencePiece model ({e})") from e
-        sp = self._sp
-        self.vocab_size = sp.get_piece_size()
+        sp, added = self._sp, added or {}
+        n_pieces = sp.get_piece_size()
+        extra = sorted(i for i in added if i >= n_pieces)
+        if extra and extra != list(range(n_pieces, n_pieces + len(extra))):
+            gap = next(i for i in range(n_pieces, extra[-1]) if i not in added)
+            raise UserError(f"tokenizer: added tokens must continue {model_path.name}'s {n_pieces} pieces without "
+                            f"a gap, but id {gap} is missing (ids {extra[0]}..{extra[-1]})")
+        self.vocab_size = n_pieces + len(extra)
+        self._added_ids = {t.content: i for i, t in added.items()}  # looked up before the pieces, as transformers does
+        self._added_text = {i: added[i].content for i in extra}  # text of ids beyond the SentencePiece vocabulary
+        # Non-special added tokens split the text before SentencePiece sees it; special ones stay text.
+        self._split_tokens = {t.content: (i, t) for i, t in added.items() if not t.special and t.content}
+        self._split_re = re.compile("|".join(map(re.escape, sorted(self._split_tokens, key=len, reverse=True))))
         optional = lambda i: i if i >= 0 else None  # sentencepiece says -1 for "no such token"
-        control = {i for i in range(self.vocab_size) if sp.is_control(i)}
+        control = {i for i in range(n_pieces) if sp.is_control(i)} | {i for i, t in added.items() if t.special}
         self._init_ids(config, optional(sp.bos_id()), optional(sp.eos_id()), optional(sp.pad_id()), control)
 
     def _encode(self, text: str, nospace: bool) -> list[int]:
-        return (self._sp_nospace if nospace else self._sp).encode(text)
+        if not self._split_tokens:
+            return (self._sp_nospace if nospace else self._sp).encode(text)
+        # transformers' (legacy=False) slow Llama tokenizer: the dummy prefix goes in front of the whole text,
+        # which is split at added tokens; each piece of text between them is encoded without a dummy prefix.
+        text = text if nospace or not text else " " + text
+        ids, start, pending = [], 0, []
+        for match in self._split_re.finditer(text):
+            token_id, token = self._split_tokens[match.group()]
+            pending.append((text[start:match.start()], token.lstrip, token_id, token.rstrip))
+            start = match.end()
+        chunks, strip_next = [], False
+        for chunk, lstrip, token_id, rstrip in pending:
+            chunk = chunk.lstrip() if strip_next else chunk
+            chunks.append((chunk.rstrip() if lstrip else chunk, token_id))
+            strip_next = rstrip
+        last = text[start:]
+        chunks.append((last.lstrip() if strip_next else last, None))
+        for chunk, token_id in chunks:
+            ids += self._sp_nospace.encode(chunk) if chunk else []
+            ids += [token_id] if token_id is not None else []
+        return ids
 
     def _decode(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
+        if not self._added_text:
+            return self._sp.decode(ids)
+        # runs of SentencePiece ids between added tokens; only the first run drops its leading space
+        parts, run = [], []
+        for i in [*ids, None]:
+            if i is not None and i not in self._added_text:
+                run.append(i)
+                continue
+            if run:
+                parts.append((self._sp_nospace if parts else self._sp).decode(run))
+                run = []
+            if i is not None:
+                parts.append(self._added_text[i])
+        return "".join(parts)
 
     def piece_to_id(self, piece: str) -> int | None:
+        if piece in self._added_ids:
+            return self._added_ids[piece]
         i = self._sp.piece_to_id(piece)  # unknown pieces map to the unk id
         return i if self._sp.id_to_piece(i) == piece else None
 
@@ -231,6 +282,49 @@ class IncrementalDecoder:
         self._read = len(self._window)
         self._emitted = self._tok._decode(self._window)
         return delta
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token transformers keeps beside the SentencePiece vocabulary (its `AddedToken`)."""
+    content: str
+    special: bool
+    lstrip: bool = False  # swallows the whitespace on its left when it splits text
+    rstrip: bool = False
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def read_added_tokens(folder: Path, config: dict) -> dict[int, AddedToken]:
+    """Added tokens of a slow-tokenizer save, id -> token, read as transformers reads them:
+    tokenizer_config.json's `added_tokens_decoder` when it has one, else the legacy `added_tokens.json`
+    (content -> id; special when tokenizer_config.json or special_tokens_map.json names it)."""
+    source = folder / "tokenizer_config.json"
+    if "added_tokens_decoder" in config:
+        decoder = config["added_tokens_decoder"]
+        if not isinstance(decoder, dict):
+            raise UserError(f"tokenizer: {source}: added_tokens_decoder must be an object of id -> token")
+        tokens = {}
+        for key, entry in decoder.items():
+            if not (isinstance(key, str) and key.isdigit()) or not isinstance(entry, dict) \
+                    or not isinstance(entry.get("content"), str):
+                raise UserError(f"tokenizer: {source}: added_tokens_decoder entry {key!r} must map a "
+                                f"non-negative id to {{\"content\": ..., \"special\": ...}}")
+            tokens[int(key)] = AddedToken(entry["content"], bool(entry.get("special", False)),
+                                          bool(entry.get("lstrip", False)), bool(entry.get("rstrip", False)))
+        return tokens
+    path = folder / "added_tokens.json"
+    if not path.is_file():
+        return {}
+    encoder = _read_config(path)
+    if not isinstance(encoder, dict) or not all(isinstance(i, int) and i >= 0 for i in encoder.values()):
+        raise UserError(f"tokenizer: {path} must be an object of token -> non-negative id")
+    names = set()
+    for spec in (config, _read_config(folder / "special_tokens_map.json")):
+        names |= {_token_name(spec.get(key)) for key in SPECIAL_TOKEN_KEYS}
+        names |= {_token_name(t) for t in spec.get("additional_special_tokens") or []}
+    return {i: AddedToken(content, content in names) for content, i in encoder.items()}
 
 
 def _read_config(path: Path) -> dict:
