@@ -55,7 +55,7 @@ CASES = [  # (route, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "x", "max_tokens": 300}, 400, ["max_tokens", "256"]),
     ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, ["temperature"]),
     ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, ["top_p"]),
-    ("/v1/completions", {"prompt": "x", "n": 0}, 400, ["n"]),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, ["n: ", "greater than or equal to 1", "(got 0)"]),
     ("/v1/completions", {"prompt": "x", "logprobs": 9}, 400, ["logprobs", "5"]),
     ("/v1/completions", {"prompt": "x", "suffix": 5}, 400, ["suffix"]),
     ("/v1/completions", {"prompt": [[]]}, 400, ["prompt"]),
