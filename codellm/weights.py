@@ -29,67 +29,233 @@ from torch import nn
 from codellm.errors import UserError
 
 # kind codes shared with native_decode.cpp (`enum Kind`)
-KIND_F32, KIND_BF16, KIND_INT8 = 0, 1, 2
+KIND_F32, KIND_BF16, KIND_INT8, KIND_INT4, KIND_NF4 = 0, 1, 2, 3, 4
+# QLoRA's 4-bit NormalFloat: the quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
 
 
 class NativeMatrix(ctypes.Structure):
-    """One weight matrix (out_features rows of in_features) as the native step reads it."""
-    _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32),
-                ("data", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+    """One weight matrix (out_features rows of in_features) as the native step reads it: `data` in the
+    kind's layout, `scales` (out, in / group) fp32 where the kind has them, `mins` (same shape) where it
+    has an offset per group (int4 in min form)."""
+    _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32), ("data", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p)]
 
 
-class Int8Linear(nn.Module):
-    """y = (x @ q^T) * scales: q int8 (out, in) with one fp32 scale per output row, max |w| -> 127."""
+class QuantLinear(nn.Module):
+    """What the quantized formats share: shapes, the group size (weights in groups of `group` inputs,
+    one scale per group and output row) and the concat rule (rows of every buffer, views kept)."""
 
-    format = "int8"
+    format = ""
+    kind = -1
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, group: int):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int) -> Int8Linear:
-        return cls(in_features, out_features)
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1) / 127
-        scales[scales == 0] = 1.0  # an all-zero row: any scale represents it exactly
-        module = cls(linear.in_features, linear.out_features).to(w.device)
-        module.weight.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        module.scales.copy_(scales)
-        return module
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales[:, None]
+        if group <= 0 or in_features % group:
+            raise UserError(f"{self.format}: in_features {in_features} is not a multiple of the group size {group}")
+        self.in_features, self.out_features, self.group = in_features, out_features, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype))
 
     @classmethod
-    def concat(cls, modules: list[Int8Linear]) -> Int8Linear:
-        fused = cls(modules[0].in_features, sum(m.out_features for m in modules)).to(modules[0].weight.device)
-        fused.weight = torch.cat([m.weight for m in modules])
-        fused.scales = torch.cat([m.scales for m in modules])
+    def concat(cls, modules: list[QuantLinear]) -> QuantLinear:
+        first = modules[0]
+        fused = cls.empty(first.in_features, sum(m.out_features for m in modules), **first.options())
+        fused = fused.to(next(first.buffers()).device)
+        for name, _ in first.named_buffers():
+            setattr(fused, name, torch.cat([getattr(m, name) for m in modules]))
         start = 0
         for m in modules:  # the separate modules hold views of the fused rows, as dense ones do
-            m.weight, m.scales = fused.weight[start:start + m.out_features], fused.scales[start:start + m.out_features]
+            for name, _ in m.named_buffers():
+                setattr(m, name, getattr(fused, name)[start:start + m.out_features])
             start += m.out_features
         return fused
 
     def native(self) -> NativeMatrix:
-        return NativeMatrix(KIND_INT8, self.in_features, pointer(self.weight, torch.int8),
-                            pointer(self.scales, torch.float32))
+        mins = getattr(self, "mins", None)
+        return NativeMatrix(self.kind, self.group, pointer(self.weight, self.weight.dtype),
+                            pointer(self.native_scales(), torch.float32),
+                            pointer(mins, torch.float32) if mins is not None and mins.numel() else None)
+
+    def native_scales(self) -> torch.Tensor:
+        return self.scales
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format=int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, " + \
+            ", ".join(f"{k}={v}" for k, v in self.options().items())
 
 
-FORMATS: dict[str, type[nn.Module]] = {"int8": Int8Linear}
+class Int8Linear(QuantLinear):
+    """int8 weights, symmetric (max |w| -> 127), one fp32 scale per `group` inputs of a row; the default
+    group is the whole row (one scale per output channel). GGUF's Q8_0 is group 32."""
+
+    format, kind = "int8", KIND_INT8
+
+    def __init__(self, in_features: int, out_features: int, group: int | None = None):
+        super().__init__(in_features, out_features, group or in_features)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // self.group))
+
+    def options(self) -> dict:
+        return {"group": self.group}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, group: int | None = None) -> Int8Linear:
+        return cls(in_features, out_features, group)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group: int | None = None) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, group).to(linear.weight.device)
+        w = _grouped(linear.weight, module.group)
+        scales = w.abs().amax(-1) / 127
+        scales[scales == 0] = 1.0  # an all-zero group: any scale represents it exactly
+        module.weight.copy_(torch.round(w / scales[..., None]).clamp(-127, 127).flatten(1).to(torch.int8))
+        module.scales.copy_(scales)
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        return (_grouped(self.weight, self.group) * self.scales[..., None]).flatten(1)
+
+
+class Int4Linear(QuantLinear):
+    """4-bit weights in groups, two to a byte. Symmetric: w = (q - 8) * scale, the group's largest
+    magnitude mapped to -8 (GGUF's Q4_0 rule); with zero points (`symmetric=False`): w = q * scale + min,
+    the group's range spread over 0..15 (GGUF's Q4_1). Packing as GGUF's: in each 32 inputs, byte i holds
+    input i in its low half and input i + 16 in its high half."""
+
+    format, kind = "int4", KIND_INT4
+
+    def __init__(self, in_features: int, out_features: int, group: int = 32, symmetric: bool = True):
+        super().__init__(in_features, out_features, group)
+        if group % 32:
+            raise UserError(f"int4: the group size must be a multiple of 32 (got {group})")
+        self.symmetric = symmetric
+        n_groups = in_features // group
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups))
+        self.register_buffer("mins", torch.zeros(out_features, 0 if symmetric else n_groups))
+
+    def options(self) -> dict:
+        return {"group": self.group, "symmetric": self.symmetric}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, group: int = 32, symmetric: bool = True) -> Int4Linear:
+        return cls(in_features, out_features, group, symmetric)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group: int = 32, symmetric: bool = True) -> Int4Linear:
+        module = cls(linear.in_features, linear.out_features, group, symmetric).to(linear.weight.device)
+        w = _grouped(linear.weight, group)
+        if symmetric:
+            peak = w.gather(-1, w.abs().argmax(-1, keepdim=True))[..., 0]  # signed: it becomes -8 exactly
+            scales = -peak / 8
+            inverse = torch.where(scales == 0, 0.0, 1 / scales)
+            q = torch.floor(w * inverse[..., None] + 8.5).clamp(0, 15)
+        else:
+            low, high = w.amin(-1), w.amax(-1)
+            scales = (high - low) / 15
+            inverse = torch.where(scales == 0, 0.0, 1 / scales)
+            q = torch.floor((w - low[..., None]) * inverse[..., None] + 0.5).clamp(0, 15)
+            module.mins.copy_(low)
+        module.scales.copy_(scales)
+        module.weight.copy_(pack4(q.flatten(1).to(torch.uint8)))
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        q = _grouped(unpack4(self.weight), self.group)
+        if self.symmetric:
+            return ((q - 8) * self.scales[..., None]).flatten(1)
+        return (q * self.scales[..., None] + self.mins[..., None]).flatten(1)
+
+
+class NF4Linear(QuantLinear):
+    """QLoRA's NF4: 4-bit codes into `NF4_VALUES`, times each group's absolute maximum (group 64 as
+    bitsandbytes). `double_quant` stores those maxima as uint8 codes with one fp32 scale and offset per
+    row (~0.5 bit less per weight at rest; the native step widens them back to fp32 when it is built)."""
+
+    format, kind = "nf4", KIND_NF4
+
+    def __init__(self, in_features: int, out_features: int, group: int = 64, double_quant: bool = False):
+        super().__init__(in_features, out_features, group)
+        if group % 32:
+            raise UserError(f"nf4: the group size must be a multiple of 32 (got {group})")
+        self.double_quant = double_quant
+        n_groups = in_features // group
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        if double_quant:
+            self.register_buffer("absmax_codes", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+            self.register_buffer("absmax_scale", torch.ones(out_features, 1))
+            self.register_buffer("absmax_offset", torch.zeros(out_features, 1))
+        else:
+            self.register_buffer("scales", torch.ones(out_features, n_groups))
+
+    def options(self) -> dict:
+        return {"group": self.group, "double_quant": self.double_quant}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, group: int = 64, double_quant: bool = False) -> NF4Linear:
+        return cls(in_features, out_features, group, double_quant)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group: int = 64, double_quant: bool = False) -> NF4Linear:
+        module = cls(linear.in_features, linear.out_features, group, double_quant).to(linear.weight.device)
+        w = _grouped(linear.weight, group)
+        absmax = w.abs().amax(-1)
+        absmax[absmax == 0] = 1.0
+        table = torch.tensor(NF4_VALUES, device=w.device)
+        q = (w / absmax[..., None])[..., None].sub(table).abs().argmin(-1)  # the nearest code
+        module.weight.copy_(pack4(q.flatten(1).to(torch.uint8)))
+        if double_quant:
+            low, high = absmax.amin(-1, keepdim=True), absmax.amax(-1, keepdim=True)
+            scale = torch.where(high > low, (high - low) / 255, torch.ones_like(low))
+            module.absmax_codes.copy_(torch.round((absmax - low) / scale).clamp(0, 255).to(torch.uint8))
+            module.absmax_scale.copy_(scale)
+            module.absmax_offset.copy_(low)
+        else:
+            module.scales.copy_(absmax)
+        return module
+
+    def absmax(self) -> torch.Tensor:
+        if self.double_quant:
+            return self.absmax_codes.float() * self.absmax_scale + self.absmax_offset
+        return self.scales
+
+    def dequantized(self) -> torch.Tensor:
+        table = torch.tensor(NF4_VALUES, device=self.weight.device)
+        return (_grouped(table[unpack4(self.weight).long()], self.group) * self.absmax()[..., None]).flatten(1)
+
+    def native_scales(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.scales
+        if getattr(self, "_widened", None) is None or self._widened.shape != self.absmax_codes.shape:
+            self._widened = self.absmax().contiguous()  # kept: the native side reads its memory
+        return self._widened
+
+
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """(rows, n) codes 0..15, n a multiple of 32 -> (rows, n / 2) bytes, GGUF's order within each 32."""
+    blocks = q.reshape(q.shape[0], -1, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).flatten(1)
+
+
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    blocks = packed.reshape(packed.shape[0], -1, 16)
+    return torch.stack([blocks & 0xF, blocks >> 4], 2).flatten(1)
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, n) -> (rows, n / group, group) as fp32."""
+    return w.float().reshape(w.shape[0], -1, group)
+
+
+FORMATS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 
 
 def format_of(module: nn.Module) -> str:
@@ -122,11 +288,12 @@ def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | 
     return model
 
 
-def quantize(model: nn.Module, fmt: str, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
-    """Quantize every dense projection of a loaded model to `fmt`, except modules whose name ends with
-    one of `skip` (by default the output head, whose precision the logits feel most)."""
+def quantize(model: nn.Module, fmt: str, skip: Iterable[str] = ("lm_head",), **options) -> nn.Module:
+    """Quantize every dense projection of a loaded model to `fmt` (options: the format's, e.g. group),
+    except modules whose name ends with one of `skip` (by default the output head, whose precision the
+    logits feel most). Embeddings and norms are not linears: they keep their precision."""
     cls, skip = get_format(fmt), tuple(skip)
-    return swap_linears(model, lambda name, lin: None if name.endswith(skip) else cls.from_linear(lin))
+    return swap_linears(model, lambda name, lin: None if name.endswith(skip) else cls.from_linear(lin, **options))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -24,7 +25,6 @@ namespace {
 using bf16 = uint16_t;
 
 inline float to_f32(float x) { return x; }
-inline float to_f32(int8_t x) { return float(x); }
 inline float to_f32(bf16 x) {
   uint32_t u = uint32_t(x) << 16;
   float f;
@@ -99,40 +99,141 @@ inline void tile(const float* x, int K, const T* W, int n, float* out, int ldo) 
   }
 }
 
-// A weight matrix as codellm/weights.py describes it (`NativeMatrix`): rows of K values in one of these
-// kinds; int8 rows carry one fp32 scale each (weight-only: y = (x . q) * scale). A new weight format is
-// a kind here, its `load8`/`to_f32` and its case in `matmul`.
-enum Kind : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
+// A weight matrix as codellm/weights.py describes it (`NativeMatrix`): rows of K inputs in one of these
+// kinds. The quantized kinds are weight-only: a row's inputs come in groups of `group`, each with an fp32
+// scale (and for int4 in min form an fp32 offset), so y = sum over groups of scale * (x . codes) [+ min *
+// sum(x)]. 4-bit kinds pack two codes a byte, GGUF's order: in each 32 inputs, byte i holds input i (low
+// half) and input i + 16 (high half). A new weight format is a kind here and its case in `matmul`.
+enum Kind : int32_t { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, NF4 = 4 };
 struct Matrix {
   int32_t kind, group;
   const void* data;
-  const float* scales;
+  const float* scales;  // (N, K / group)
+  const float* mins;    // (N, K / group) or null
 };
 
-// out (B, N) = x (B, K) @ W (N, K)^T [* scales]. Output rows are shared between the threads in blocks of
-// 16; a block's weight rows are read from memory once, for the first tile of batch rows, then from cache.
-template <typename T>
-void matmul_rows(const float* x, int B, int K, const T* W, const float* scales, int N, float* out, int threads) {
+const float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// the value code c stands for before its group's scale: int8 as is, int4 (q - 8) when symmetric, else q
+inline float code_value(const Matrix& W, int n, int K, int k) {
+  if (W.kind == INT8) return float(static_cast<const int8_t*>(W.data)[size_t(n) * K + k]);
+  const uint8_t byte = static_cast<const uint8_t*>(W.data)[size_t(n) * K / 2 + size_t(k / 32) * 16 + k % 16];
+  const int q = (k % 32) < 16 ? byte & 15 : byte >> 4;
+  if (W.kind == NF4) return kNF4[q];
+  return W.mins ? float(q) : float(q - 8);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 32 inputs of a 4-bit row from their 16 bytes -> four vectors of 8 code values, in input order
+inline void decode32(const Matrix& W, const uint8_t* p, __m256 v[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i parts[2] = {lo, hi};
+  for (int h = 0; h < 2; h++)
+    for (int q = 0; q < 2; q++) {
+      const __m256i idx = _mm256_cvtepu8_epi32(q ? _mm_srli_si128(parts[h], 8) : parts[h]);
+      if (W.kind == NF4) {
+        const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kNF4), idx);
+        const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kNF4 + 8), idx);
+        v[2 * h + q] = _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+      } else {
+        const __m256 f = _mm256_cvtepi32_ps(idx);
+        v[2 * h + q] = W.mins ? f : _mm256_sub_ps(f, _mm256_set1_ps(8.f));
+      }
+    }
+}
+#endif
+
+// quantized rows: out[j * ldo + n] for one weight row n and BR batch rows, group by group
+template <int BR>
+inline void qtile(const float* x, int K, const Matrix& W, int n, float* out, int ldo) {
+  const int G = W.group, groups = K / G;
+  const float* scales = W.scales + size_t(n) * groups;
+  const float* mins = W.mins ? W.mins + size_t(n) * groups : nullptr;
+#if defined(__AVX2__) && defined(__FMA__)
+  const bool four_bit = W.kind != INT8;
+  if (four_bit ? G % 32 == 0 : G % 8 == 0) {
+    __m256 total[BR];
+    for (int j = 0; j < BR; j++) total[j] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+      __m256 acc[BR], xsum[BR];
+      for (int j = 0; j < BR; j++) acc[j] = xsum[j] = _mm256_setzero_ps();
+      const int k0 = g * G;
+      if (four_bit) {
+        const uint8_t* row = static_cast<const uint8_t*>(W.data) + size_t(n) * K / 2;
+        for (int k = k0; k < k0 + G; k += 32) {
+          __m256 w[4];
+          decode32(W, row + k / 2, w);
+          for (int j = 0; j < BR; j++)
+            for (int i = 0; i < 4; i++) {
+              const __m256 xv = _mm256_loadu_ps(x + size_t(j) * K + k + 8 * i);
+              acc[j] = _mm256_fmadd_ps(w[i], xv, acc[j]);
+              if (mins) xsum[j] = _mm256_add_ps(xsum[j], xv);
+            }
+        }
+      } else {
+        const int8_t* row = static_cast<const int8_t*>(W.data) + size_t(n) * K;
+        for (int k = k0; k < k0 + G; k += 8) {
+          const __m256 w = load8(row + k);
+          for (int j = 0; j < BR; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + size_t(j) * K + k), acc[j]);
+        }
+      }
+      for (int j = 0; j < BR; j++) {
+        total[j] = _mm256_fmadd_ps(acc[j], _mm256_set1_ps(scales[g]), total[j]);
+        if (mins) total[j] = _mm256_fmadd_ps(xsum[j], _mm256_set1_ps(mins[g]), total[j]);
+      }
+    }
+    for (int j = 0; j < BR; j++) out[size_t(j) * ldo + n] = hsum(total[j]);
+    return;
+  }
+#endif
+  for (int j = 0; j < BR; j++) {
+    const float* xj = x + size_t(j) * K;
+    float s = 0.f;
+    for (int g = 0; g < groups; g++) {
+      float dot = 0.f, xs = 0.f;
+      for (int k = g * G; k < (g + 1) * G; k++) dot += xj[k] * code_value(W, n, K, k), xs += xj[k];
+      s += dot * scales[g] + (mins ? mins[g] * xs : 0.f);
+    }
+    out[size_t(j) * ldo + n] = s;
+  }
+}
+
+// out (B, N) = x (B, K) @ W (N, K)^T. Output rows are shared between the threads in blocks of 16; a
+// block's weight rows are read from memory once, for the first tile of batch rows, then from cache.
+template <typename Tile>
+void matmul_blocks(const float* x, int B, int K, int N, float* out, int threads, Tile tile_at) {
   const int blocks = (N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int blk = 0; blk < blocks; blk++) {
     const int lo = blk * 16, hi = lo + 16 < N ? lo + 16 : N;
     int b = 0;
     for (; b + 4 <= B; b += 4)
-      for (int n = lo; n < hi; n++) tile<4>(x + size_t(b) * K, K, W, n, out + size_t(b) * N, N);
+      for (int n = lo; n < hi; n++) tile_at(std::integral_constant<int, 4>(), x + size_t(b) * K, n, out + size_t(b) * N);
     for (; b < B; b++)
-      for (int n = lo; n < hi; n++) tile<1>(x + size_t(b) * K, K, W, n, out + size_t(b) * N, N);
-    if (scales)
-      for (int r = 0; r < B; r++)
-        for (int n = lo; n < hi; n++) out[size_t(r) * N + n] *= scales[n];
+      for (int n = lo; n < hi; n++) tile_at(std::integral_constant<int, 1>(), x + size_t(b) * K, n, out + size_t(b) * N);
   }
+}
+
+template <typename T>
+void matmul_dense(const float* x, int B, int K, const T* W, int N, float* out, int threads) {
+  matmul_blocks(x, B, K, N, out, threads, [&](auto br, const float* xb, int n, float* ob) {
+    tile<decltype(br)::value>(xb, K, W, n, ob, N);
+  });
 }
 
 void matmul(const float* x, int B, int K, const Matrix& W, int N, float* out, int threads) {
   switch (W.kind) {
-    case BF16: return matmul_rows(x, B, K, static_cast<const bf16*>(W.data), nullptr, N, out, threads);
-    case INT8: return matmul_rows(x, B, K, static_cast<const int8_t*>(W.data), W.scales, N, out, threads);
-    default: return matmul_rows(x, B, K, static_cast<const float*>(W.data), nullptr, N, out, threads);
+    case F32: return matmul_dense(x, B, K, static_cast<const float*>(W.data), N, out, threads);
+    case BF16: return matmul_dense(x, B, K, static_cast<const bf16*>(W.data), N, out, threads);
+    default:
+      matmul_blocks(x, B, K, N, out, threads, [&](auto br, const float* xb, int n, float* ob) {
+        qtile<decltype(br)::value>(xb, K, W, n, ob, N);
+      });
   }
 }
 
