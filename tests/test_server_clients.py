@@ -25,11 +25,13 @@ from tests.server_fixtures import shared_server, sse_data
 
 EULA = {"X-Amzn-SageMaker-Custom-Attributes": "accept_eula=true"}
 PROMPT = "def add(a, b):\n"
+# the shared server's arguments (test_server_validation.py and test_server_compat.py use the same process)
+SERVER_ARGS = ("--require-eula", "--served-model-name", "tiny", "--served-model-name", "codellama/CodeLlama-7b-hf")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    return shared_server(tiny_model_dir, "--require-eula")
+    return shared_server(tiny_model_dir, *SERVER_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +207,7 @@ def test_openai_chat(oai, ref):
 def test_openai_models_and_error_envelope(oai, http):
     import openai
 
-    assert [m.id for m in oai.models.list()] == ["model"]  # the directory's name
+    assert [m.id for m in oai.models.list()] == ["tiny", "codellama/CodeLlama-7b-hf"]  # --served-model-name
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="tiny", prompt="x", max_tokens=0)
     assert "max_tokens" in str(e.value)
@@ -304,11 +306,10 @@ def test_health_info_and_page(http, server):
     assert r.status_code == 200 and r.content == b""
     info = http.get("/info").json()
     assert info["max_total_tokens"] == 256 and info["max_input_tokens"] == 255 and info["infilling"] is True
-    page = http.get("/")
-    if page.status_code == 200:
-        assert page.headers["content-type"].startswith("text/html")
-    else:
-        assert page.status_code == 404 and "playground" in page.text
+    page = http.get("/")  # the playground ships in the package (pyproject's package data)
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html") and "<html" in page.text.lower()
+    assert "/v1/completions" in page.text or "/generate" in page.text  # the page, not another HTML answer
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -101,7 +101,8 @@ def test_health_ping_and_page_need_no_key(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/ping").status_code == 200
-        assert client.get("/").status_code in (200, 404)
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text
 
 
 def test_overloaded_past_max_concurrent_requests(http):

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.server_fixtures import shared_server
+from tests.test_server_clients import SERVER_ARGS
 
 EULA = {"X-Amzn-SageMaker-Custom-Attributes": "accept_eula=true"}
 LONG = "x = 1\n" * 200  # over the tiny model's 256-token context
@@ -21,7 +22,7 @@ LONG = "x = 1\n" * 200  # over the tiny model's 256-token context
 
 @pytest.fixture(scope="module")
 def http(tiny_model_dir):
-    srv = shared_server(tiny_model_dir, "--require-eula")
+    srv = shared_server(tiny_model_dir, *SERVER_ARGS)
     with httpx.Client(base_url=srv.url, timeout=60, headers=EULA) as client:
         yield client
 
@@ -44,7 +45,15 @@ CASES = [  # (route, body, status, words the message must contain)
     ("/generate", tgi(top_p=1.5), 422, ["top_p", "1"]),
     ("/generate", tgi(top_k="10"), 422, ["top_k", "integer"]),
     ("/generate", tgi(stop=["a", "b", "c", "d", "e"]), 422, ["stop", "4"]),
-    ("/generate", tgi(best_of=2), 422, ["best_of", "not supported"]),
+    ("/generate", tgi(best_of=2), 422, ["best_of", "sampling"]),
+    ("/generate", tgi(best_of=3, do_sample=True), 422, ["best_of", "<= 2"]),
+    ("/generate", tgi(best_of=2, do_sample=True, seed=1), 422, ["seed", "best_of"]),
+    ("/generate_stream", tgi(best_of=2, do_sample=True), 422, ["best_of", "stream"]),
+    ("/generate_stream", tgi(decoder_input_details=True), 422, ["decoder_input_details", "stream"]),
+    ("/generate", tgi(typical_p=0), 422, ["typical_p", "0"]),
+    ("/generate", tgi(typical_p=1.5), 422, ["typical_p", "1"]),
+    ("/generate", tgi(frequency_penalty=2.5), 422, ["frequency_penalty", "2"]),
+    ("/generate", tgi(watermark=True), 422, ["watermark", "not supported"]),
     ("/generate", tgi(repetition_penalty=0), 422, ["repetition_penalty"]),
     ("/generate", {"inputs": 5}, 422, ["inputs", "string"]),
     ("/generate", {"parameters": {}}, 422, ["inputs", "required"]),
@@ -61,7 +70,12 @@ CASES = [  # (route, body, status, words the message must contain)
     ("/v1/completions", {"prompt": [[]]}, 400, ["prompt"]),
     ("/v1/completions", {"prompt": [10**6]}, 400, ["prompt", "token ids"]),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, ["stream_options"]),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 1}, 400, ["frequency_penalty", "not supported"]),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}, 400, ["frequency_penalty", "2"]),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -2.5}, 400, ["presence_penalty", "2"]),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0, "echo": True, "stream": True}, 400, ["max_tokens"]),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "suffix": "y"}, 400, ["echo", "suffix"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, ["messages.0.content", "required"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, ["messages.0.content"]),
     ("/v1/chat/completions", {"messages": []}, 400, ["messages"]),
     ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 400, ["messages", "role"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400, ["max_tokens"]),
@@ -139,6 +153,7 @@ FIELDS = {
             "watermark",
             "decoder_input_details",
             "grammar",
+            "frequency_penalty",
         )
     ]
     + ["parameters"],
@@ -158,6 +173,7 @@ FIELDS = {
         "echo",
         "model",
         "presence_penalty",
+        "frequency_penalty",
         "logit_bias",
         "best_of",
         "user",
@@ -178,6 +194,8 @@ FIELDS = {
         "top_logprobs",
         "tools",
         "response_format",
+        "model",
+        "presence_penalty",
         "messages.0.content",
         "messages.0.role",
     ],

@@ -225,13 +225,14 @@ class OpenAIGenerator(_HTTPGenerator):
 
     def _one(self, spec: PromptSpec, params: SamplingParams, j: int) -> str:
         body = {
-            "model": self.model or "default",
             "prompt": spec.prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "n": 1,
         }
+        if self.model:  # unset: the server's default model (a made-up name is a 404 on vLLM and codellm)
+            body["model"] = self.model
         body |= extra_sampling_fields(params)  # vLLM's and codellm's extensions of the OpenAI fields
         if spec.stop:
             body["stop"] = list(spec.stop[:MAX_SERVER_STOPS])

@@ -8,6 +8,10 @@
     POST /invocations                                                 sagemaker.py            key + EULA
     GET  /v1/models; POST /v1/completions, /v1/chat/completions       openai_api.py           key
     POST /infill                                                      infill_api.py           key
+    GET  /v1/models/{id}                                              openai_api.py           key
+
+Any other path is a 404, and a known path with another method a 405, in the family's error shape: OpenAI's
+under /v1/, llama.cpp's for /infill, TGI's elsewhere.
 
 "key": needs `Authorization: Bearer KEY` when the server has API keys. Each request ends with one JSON
 line on stderr: time, method, route, status, duration_ms, client, and for generation the prompt and
@@ -26,6 +30,7 @@ from importlib import resources
 from time import perf_counter
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -33,7 +38,7 @@ from starlette.routing import Route
 import codellm
 from codellm.server import infill_api, openai_api, sagemaker, tgi
 from codellm.server.endpoints import endpoint
-from codellm.server.errors import TGI
+from codellm.server.errors import LLAMACPP, OPENAI, TGI, ApiError
 from codellm.server.service import Service
 
 PAGE = "static/playground.html"
@@ -61,8 +66,27 @@ def build_app(service: Service, access_log=sys.stderr):
         yield
         await asyncio.to_thread(service.runner.close, 30)
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: no_route})
     return Observe(app, service, {r.path for r in routes}, access_log)
+
+
+async def no_route(request: Request, exc: HTTPException) -> Response:
+    """Starlette's 404 (no such path) and 405 (not for this method) as JSON in the path's API family's shape."""
+    path, method = request.url.path, request.method
+    family = OPENAI if path.startswith("/v1/") else LLAMACPP if path.startswith("/infill") else TGI
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        err = ApiError(
+            "method_not_allowed",
+            f"{method} {path}: method not allowed (allowed: {allowed})",
+            None,
+            headers={"Allow": allowed},
+        )
+    elif exc.status_code == 404:
+        err = ApiError("not_found", f"{method} {path}: no such route", None)
+    else:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return family.response(err)
 
 
 async def page(service: Service, request: Request) -> Response:
@@ -93,7 +117,7 @@ async def info(service: Service, request: Request) -> Response:
             "model_device_type": service.device,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": limits.max_concurrent,
-            "max_best_of": 1,
+            "max_best_of": limits.max_best_of,
             "max_stop_sequences": limits.max_stop,
             "max_input_tokens": limits.context - 1,
             "max_total_tokens": limits.context,

@@ -34,6 +34,14 @@ def add_parser(subparsers) -> None:
     g.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     g.add_argument("--model-id", help="model name in responses and /v1/models (default: the model directory's name)")
     g.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name OpenAI requests may give as `model` (repeatable; the first is the default name when "
+        "--model-id is unset); any other name is a 404 model_not_found",
+    )
+    g.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -61,6 +69,7 @@ def add_parser(subparsers) -> None:
         help="prompt + new tokens per request (default: the model's context)",
     )
     g.add_argument("--max-stop-sequences", type=int, default=4, help="stop strings per request (default: 4)")
+    g.add_argument("--max-best-of", type=int, default=2, help="largest TGI best_of (default: 2, as TGI)")
     g.add_argument("--max-body-size", default="2M", metavar="SIZE", help="largest request body (default: 2M)")
     g.add_argument(
         "--require-eula",
@@ -94,9 +103,11 @@ def cmd_serve(args) -> None:
     from codellm.server import auth
     from codellm.server.service import Limits, Service
 
-    for name in ("max_concurrent_requests", "max_batch", "max_stop_sequences"):
+    for name in ("max_concurrent_requests", "max_batch", "max_stop_sequences", "max_best_of"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if any(not name.strip() for name in args.served_model_name):
+        raise UserError("--served-model-name must not be empty")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535] (got {args.port})")
     if args.shutdown_grace < 0:
@@ -118,6 +129,7 @@ def cmd_serve(args) -> None:
         context=context,
         max_concurrent=args.max_concurrent_requests,
         max_stop=args.max_stop_sequences,
+        max_best_of=args.max_best_of,
         max_body=max_body,
     )
     require_eula = auth.eula_required(Path(model_dir)) if args.require_eula is None else args.require_eula
@@ -125,12 +137,13 @@ def cmd_serve(args) -> None:
     service = Service(
         EngineRunner(engine),
         tok,
-        args.model_id or Path(model_dir).resolve().name,
+        args.model_id or (args.served_model_name or [Path(model_dir).resolve().name])[0],
         limits,
         api_keys=keys,
         require_eula=require_eula,
         dtype=dtype,
         device=args.device,
+        served_names=args.served_model_name,
     )
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{sock.getsockname()[1]}"
     serve(service, sock, url, args.shutdown_grace, None if args.no_access_log else sys.stderr)

@@ -6,6 +6,8 @@ An `ApiError` has a kind; each family maps the kind to its HTTP status and body:
     validation         422             400      400         bad input (the message names the field and the limit)
     not_supported      422             400      501         e.g. infilling on a model without infilling tokens
     authentication     401             401      401         missing or wrong API key
+    not_found          404             404      404         no such route, or (OpenAI) no such model
+    method_not_allowed 405             405      405         the route exists for other methods
     payload_too_large  413             413      413         request body over --max-body-size
     overloaded         429             429      429         past --max-concurrent-requests (refused at once)
     unavailable        503             503      503         shutting down, or the engine has stopped
@@ -14,6 +16,7 @@ An `ApiError` has a kind; each family maps the kind to its HTTP status and body:
 
     TGI        {"error": "...", "error_type": kind}
     OpenAI     {"error": {"message": "...", "type": "...", "param": "field" | null, "code": status}}
+               (`code` is a string where OpenAI names the error: "model_not_found")
     llama.cpp  {"error": {"code": status, "message": "...", "type": "..."}}
 """
 
@@ -29,6 +32,8 @@ STATUS = {  # kind -> (TGI, OpenAI, llama.cpp)
     "validation": (422, 400, 400),
     "not_supported": (422, 400, 501),
     "authentication": (401, 401, 401),
+    "not_found": (404, 404, 404),
+    "method_not_allowed": (405, 405, 405),
     "payload_too_large": (413, 413, 413),
     "overloaded": (429, 429, 429),
     "unavailable": (503, 503, 503),
@@ -39,19 +44,23 @@ OPENAI_TYPES = {
     "validation": "invalid_request_error",
     "not_supported": "invalid_request_error",
     "authentication": "authentication_error",
+    "not_found": "invalid_request_error",
+    "method_not_allowed": "invalid_request_error",
     "payload_too_large": "invalid_request_error",
     "overloaded": "overloaded_error",
     "unavailable": "unavailable_error",
     "generation": "server_error",
     "internal": "server_error",
 }
-LLAMACPP_TYPES = OPENAI_TYPES | {"not_supported": "not_supported_error"}
+LLAMACPP_TYPES = OPENAI_TYPES | {"not_supported": "not_supported_error", "not_found": "not_found_error"}
 
 
 class ApiError(Exception):
-    def __init__(self, kind: str, message: str, param: str | None = None):
+    def __init__(
+        self, kind: str, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
-        self.kind, self.message, self.param = kind, message, param
+        self.kind, self.message, self.param, self.code, self.headers = kind, message, param, code, headers
 
 
 def invalid(param: str, message: str) -> ApiError:
@@ -72,6 +81,7 @@ class Family:
 
     def response(self, err: ApiError, headers: dict | None = None) -> JSONResponse:
         status = self.status(err)
+        headers = (err.headers or {}) | (headers or {})
         if err.kind == "authentication":
             headers = {"WWW-Authenticate": "Bearer"} | (headers or {})
         return JSONResponse(self.body(err, status), status_code=status, headers=headers)
@@ -87,7 +97,12 @@ OPENAI = Family(
     "openai",
     1,
     lambda err, status: {
-        "error": {"message": err.message, "type": OPENAI_TYPES[err.kind], "param": err.param, "code": status}
+        "error": {
+            "message": err.message,
+            "type": OPENAI_TYPES[err.kind],
+            "param": err.param,
+            "code": err.code or status,
+        }
     },
 )
 LLAMACPP = Family(

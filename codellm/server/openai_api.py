@@ -1,15 +1,21 @@
-"""OpenAI's API: POST /v1/completions (with a working `suffix`: infilling), /v1/chat/completions, GET /v1/models.
+"""OpenAI's API: POST /v1/completions (with a working `suffix`: infilling), /v1/chat/completions, GET /v1/models
+and /v1/models/{id}.
 
     {"model": "x", "prompt": "def mean(xs):\\n    ", "suffix": "\\n    return total / len(xs)\\n", "max_tokens": 64}
 
 `suffix` renders the prompt with `formats.infill_prompt` and generation stops at <EOT> (vLLM and TGI refuse
 `suffix`; SERVING.md pitfall 4). Defaults are OpenAI's: max_tokens 16 for completions (chat: 512, both cut to
-what the context leaves), temperature 1, top_p 1, n 1. `model` is echoed back whatever it says: one model
-is served. With `n` > 1 and a seed, choice i uses seed + i. `logprobs` are the model's own distribution
-(before penalty and temperature), as vLLM reports them; `echo` with `logprobs` is refused (prompt tokens
-are not scored). finish_reason is "stop" (EOS, <EOT>, a stop string) or "length"; `stop_reason` (vLLM's
-extra) is the stop string, or the id of <EOT>, or null for EOS. Streams end with `data: [DONE]`; a failure
-after the stream opened is an event `{"error": {...}}` before it.
+what the context leaves), temperature 1, top_p 1, n 1. `model` must be one of the served names (the model
+directory's name or --model-id, and each --served-model-name), or unset; another name is a 404
+`model_not_found`, as OpenAI and vLLM answer. With `n` > 1 and a seed, choice i uses seed + i.
+`presence_penalty` and `frequency_penalty` follow OpenAI's rule over the generated tokens (sampling.py).
+`logprobs` are the model's own distribution (before penalty and temperature), as vLLM reports them; `echo`
+with `logprobs` lists the prompt's tokens first (a leading BOS left out, as it is not in the echoed text;
+the first token without context has a null logprob), and `echo` with `max_tokens` 0 scores the prompt alone
+(lm-evaluation-harness's loglikelihood requests). Chat role "developer" is read as "system"; a message
+without `content` is a 400. finish_reason is "stop" (EOS, <EOT>, a stop string) or "length"; the stop string
+is not in the text; `stop_reason` (vLLM's extra) is the stop string, or the id of <EOT>, or null for EOS.
+Streams end with `data: [DONE]`; a failure after the stream opened is an event `{"error": {...}}` before it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from codellm.server.endpoints import endpoint, open_stream, read_json, run_to_en
 from codellm.server.errors import OPENAI, OPENAI_TYPES, STATUS, ApiError, invalid
 from codellm.server.prompts import chat_ids, completion_ids, fit, infill_ids, sampling
 from codellm.server.schemas import ChatRequest, CompletionRequest, parse
+from codellm.server.scoring import prompt_logprobs
 from codellm.server.service import Choice, Service
 from codellm.server.sse import DONE, EventStream, event
 
@@ -38,36 +45,53 @@ def routes(service: Service) -> list[Route]:
         post("/v1/completions", completions),
         post("/v1/chat/completions", chat),
         Route("/v1/models", endpoint(service, OPENAI, partial(models, service)), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", endpoint(service, OPENAI, partial(model, service)), methods=["GET"]),
     ]
 
 
+def _model(service: Service, name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "codellm", "max_model_len": service.limits.context}
+
+
 async def models(service: Service, request: Request):
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": service.model_id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "codellm",
-                    "max_model_len": service.limits.context,
-                }
-            ],
-        }
-    )
+    return JSONResponse({"object": "list", "data": [_model(service, name) for name in service.model_names]})
+
+
+async def model(service: Service, request: Request):
+    return JSONResponse(_model(service, service.model_name(request.path_params["model_id"])))
 
 
 # --- /v1/completions --------------------------------------------------------------------------------
 
 
-async def completions(service: Service, request: Request, body: dict | None = None):
+async def completions(service: Service, request: Request, body: dict | None = None, check_model: bool = True):
+    """`check_model`: False for SageMaker's /invocations, whose endpoint is the model (its body's name is unchecked)."""
     req = parse(CompletionRequest, body if body is not None else await read_json(request, service.limits.max_body))
+    name = service.model_name(req.model) if check_model else service.model_id
     texts, prompts, params = prepare_completions(service, req)
     n, created, rid = req.n or 1, int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-    head = {"id": rid, "object": "text_completion", "created": created, "model": service.model_id}
+    head = {"id": rid, "object": "text_completion", "created": created, "model": name}
     echo = lambda c: texts[c.index // n] if req.echo else ""
-    usage = lambda gen: _usage(sum(map(len, prompts[::n])), gen.completion_tokens)
+    usage = lambda gen: _usage(sum(map(len, prompts[::n])), gen.completion_tokens if gen else 0)
+    scored = {}  # prompt index -> its logprobs object (echo with logprobs)
+    if req.echo and req.logprobs is not None:
+        for k in range(0, len(prompts), n):
+            scored[k // n] = echo_logprobs(
+                service, prompts[k], await prompt_logprobs(service, prompts[k], req.logprobs)
+            )
+    echo_lp = lambda c: scored.get(c.index // n)
+    if req.max_tokens == 0:  # echo alone: the prompt scored, nothing generated
+        choices = [
+            {
+                "index": i,
+                "text": echo(SimpleChoice(i)),
+                "finish_reason": "length",
+                "stop_reason": None,
+                "logprobs": echo_lp(SimpleChoice(i)),
+            }
+            for i in range(len(prompts))
+        ]
+        return JSONResponse(head | {"choices": choices, "usage": usage(None)})
     if not req.stream:
         gen = await run_to_end(request, service, prompts, params)
         choices = [
@@ -76,7 +100,9 @@ async def completions(service: Service, request: Request, body: dict | None = No
                 "text": echo(c) + c.text,
                 "finish_reason": _finish(c.reason),
                 "stop_reason": _stop_reason(service, c),
-                "logprobs": completion_logprobs(service, c.tokens, len(echo(c))) if req.logprobs is not None else None,
+                "logprobs": _joined(echo_lp(c), completion_logprobs(service, c.tokens, len(echo(c))))
+                if req.logprobs is not None
+                else None,
             }
             for c in gen.choices
         ]
@@ -88,7 +114,7 @@ async def completions(service: Service, request: Request, body: dict | None = No
         offsets = [len(echo(c)) for c in gen.choices]
         for c in gen.choices if req.echo else []:
             yield event(
-                head | {"choices": [{"index": c.index, "text": echo(c), "logprobs": None, "finish_reason": None}]}
+                head | {"choices": [{"index": c.index, "text": echo(c), "logprobs": echo_lp(c), "finish_reason": None}]}
             )
         async for item in stream_items(gen, error_event):
             if isinstance(item, str):
@@ -124,10 +150,10 @@ def prepare_completions(service: Service, req: CompletionRequest):
             f"at most {limits.max_prompts} choices per request (prompts x n); got {len(items)} x {n}",
         )
     _check_common(service, req)
-    if req.echo and req.logprobs is not None:
-        raise ApiError(
-            "not_supported", "echo: echo with logprobs is not supported (prompt tokens are not scored)", "echo"
-        )
+    if req.max_tokens == 0 and (not req.echo or req.stream):
+        raise invalid("max_tokens", "must be >= 1 (0 only with echo: true and no stream, to score the prompt; got 0)")
+    if req.echo and req.suffix is not None and req.logprobs is not None:
+        raise ApiError("not_supported", "echo: echo with logprobs needs a prompt without suffix", "echo")
     texts, prompts, params = [], [], []
     temperature = 1.0 if req.temperature is None else req.temperature
     for k, item in enumerate(items):
@@ -139,7 +165,12 @@ def prepare_completions(service: Service, req: CompletionRequest):
         else:
             ids = completion_ids(tok, item, field)
         max_new = fit(
-            limits.context, len(ids), req.max_tokens, COMPLETION_MAX_TOKENS, prompt_field=field, max_field="max_tokens"
+            limits.context,
+            len(ids),
+            1 if req.max_tokens == 0 else req.max_tokens,  # 0: nothing is generated (echo only)
+            COMPLETION_MAX_TOKENS,
+            prompt_field=field,
+            max_field="max_tokens",
         )
         texts.append(item if isinstance(item, str) else tok.decode(item))
         for j in range(n):
@@ -152,12 +183,43 @@ def prepare_completions(service: Service, req: CompletionRequest):
                     top_p=req.top_p,
                     top_k=req.top_k,
                     repetition_penalty=req.repetition_penalty,
+                    presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty,
                     seed=seed,
                     stop=req.stop,
                     logprobs=req.logprobs,
                 )
             )
     return texts, prompts, params
+
+
+class SimpleChoice:
+    """A choice that generated nothing (echo with max_tokens 0): only its index."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def echo_logprobs(service: Service, ids: list[int], scored: list) -> dict:
+    """The legacy logprobs object of an echoed prompt: its tokens from offset 0, a leading BOS left out
+    (its text is not in the echo); a token without context has null logprob and top_logprobs."""
+    start = 1 if ids and ids[0] == service.tok.bos_id else 0
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for i, (lp, top) in zip(ids[start:], scored[start:], strict=True):
+        text = service.token_text(i)
+        alternatives = None
+        if lp is not None:
+            alternatives = {service.token_text(t): v for t, v in top}
+            alternatives.setdefault(text, lp)
+        for key, value in zip(out, (text, lp, alternatives, offset), strict=True):
+            out[key].append(value)
+        offset += len(text)
+    return out
+
+
+def _joined(first: dict | None, second: dict) -> dict:
+    return second if first is None else {k: first[k] + second[k] for k in first}
 
 
 def completion_logprobs(service: Service, tokens: list, offset: int) -> dict:
@@ -176,12 +238,14 @@ def completion_logprobs(service: Service, tokens: list, offset: int) -> dict:
 # --- /v1/chat/completions ---------------------------------------------------------------------------
 
 
-async def chat(service: Service, request: Request, body: dict | None = None):
+async def chat(service: Service, request: Request, body: dict | None = None, check_model: bool = True):
     req = parse(ChatRequest, body if body is not None else await read_json(request, service.limits.max_body))
+    name = service.model_name(req.model) if check_model else service.model_id
     _check_common(service, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "needs logprobs: true")
-    ids = chat_ids(service.tok, [{"role": m.role, "content": m.text()} for m in req.messages])
+    roles = {"developer": "system"}  # OpenAI's newer name for the system message
+    ids = chat_ids(service.tok, [{"role": roles.get(m.role, m.role), "content": m.text()} for m in req.messages])
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = fit(
         service.limits.context,
@@ -199,13 +263,15 @@ async def chat(service: Service, request: Request, body: dict | None = None):
             top_p=req.top_p,
             top_k=req.top_k,
             repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
             seed=None if req.seed is None else (req.seed + j) % 2**64,
             stop=req.stop,
             logprobs=logprobs,
         )
         for j in range(n)
     ]
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_id}
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
     lp = lambda tokens: {"content": chat_logprobs(service, tokens)} if req.logprobs else None
     if not req.stream:
         gen = await run_to_end(request, service, [ids] * n, params)

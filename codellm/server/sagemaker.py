@@ -28,9 +28,9 @@ async def invocations(service: Service, request: Request):
         return JSONResponse({"code": 424, "message": "prediction failure", "error": auth.EULA_MESSAGE}, status_code=424)
     body = await read_json(request, service.limits.max_body)
     if isinstance(body, dict) and "messages" in body:
-        return await openai_api.chat(service, request, body)
+        return await openai_api.chat(service, request, body, check_model=False)
     if isinstance(body, dict) and "prompt" in body and "inputs" not in body:
-        return await openai_api.completions(service, request, body)
+        return await openai_api.completions(service, request, body, check_model=False)
     req = parse(TGIRequest, body)
     if req.stream:
         return await tgi.generate_stream(service, request, req)

@@ -3,8 +3,9 @@
 
 Types are strict (a string is not a number, 1.0 is not an integer, true is not 1). Unknown fields are
 ignored, as TGI, vLLM and llama.cpp do. Ranges follow what users send, not TGI's narrower rules:
-temperature 0 means greedy and top_p 1 means off (SERVING.md, pitfall 9). TGI and OpenAI parameters codellm
-does not implement are accepted at their "off" value and refused otherwise; llama.cpp's tuning options on
+temperature 0 means greedy and top_p/typical_p 1 mean off (SERVING.md, pitfall 9). TGI and OpenAI parameters
+codellm does not implement (watermark, grammar, logit_bias, tools) are accepted at their "off" value and refused
+otherwise; llama.cpp's tuning options on
 /infill (min_p, cache_prompt, t_max_predict_ms, samplers, ...) are ignored, so its editor plugins work as they are.
 """
 
@@ -21,6 +22,8 @@ Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 # outside this range a penalty overflows float32 logits (and sampling from NaN would stop the engine)
 Penalty = Annotated[float, Field(ge=1e-3, le=1e3)]
+AdditivePenalty = Annotated[float, Field(ge=-2, le=2)]  # OpenAI's presence/frequency range
+TypicalP = Annotated[float, Field(gt=0, le=1)]  # 1: off (TGI refuses 1; pitfall 9)
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -63,12 +66,12 @@ class TGIParameters(Body):
     return_full_text: bool | None = None
     truncate: PositiveInt | None = None
     top_n_tokens: Annotated[int, Field(ge=0, le=5)] | None = None
-    # accepted at their "off" value only
-    best_of: int | None = None
+    best_of: PositiveInt | None = None  # the route checks it against --max-best-of
     decoder_input_details: bool | None = None
-    typical_p: float | None = None
+    typical_p: TypicalP | None = None
+    frequency_penalty: AdditivePenalty | None = None
+    # accepted at their "off" value only
     watermark: bool | None = None
-    frequency_penalty: float | None = None
     grammar: Any = None
     adapter_id: str | None = None
 
@@ -77,20 +80,10 @@ class TGIParameters(Body):
     def _stop(cls, v):
         return string_list(v, "a list of strings")
 
-    @field_validator(
-        "best_of", "decoder_input_details", "typical_p", "watermark", "frequency_penalty", "grammar", "adapter_id"
-    )
+    @field_validator("watermark", "grammar", "adapter_id")
     @classmethod
     def _off(cls, v, info):
-        off = {
-            "best_of": 1,
-            "decoder_input_details": False,
-            "typical_p": 1.0,
-            "watermark": False,
-            "frequency_penalty": 0.0,
-            "grammar": None,
-            "adapter_id": None,
-        }[info.field_name]
+        off = {"watermark": False, "grammar": None, "adapter_id": None}[info.field_name]
         unsupported(info.field_name, v, off)
         return v
 
@@ -125,8 +118,8 @@ class OpenAISampling(Body):
     seed: Seed | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: AdditivePenalty | None = None
+    frequency_penalty: AdditivePenalty | None = None
     logit_bias: dict | None = None
     user: str | None = None
 
@@ -134,12 +127,6 @@ class OpenAISampling(Body):
     @classmethod
     def _stop(cls, v):
         return string_list(v)
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v, info):
-        unsupported(info.field_name, v, 0.0)
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -152,7 +139,7 @@ class OpenAISampling(Body):
 class CompletionRequest(OpenAISampling):
     prompt: Any
     suffix: str | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 only with echo: score the prompt (the route checks)
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = None
     best_of: int | None = None
@@ -192,13 +179,13 @@ class TextPart(Body):
 
 class Message(Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]  # required: no tool calls here, so a message without text is an error
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
-        return self.content or ""
+        return self.content
 
 
 class ChatRequest(OpenAISampling):

@@ -38,6 +38,7 @@ class Limits:
     context: int  # tokens per request, prompt + generated (--max-total-tokens, at most the model's context)
     max_concurrent: int = 128
     max_stop: int = 4
+    max_best_of: int = 2  # TGI's best_of (--max-best-of)
     max_body: int = 2 << 20
     max_prompts: int = 16  # prompts x n choices in one OpenAI request
 
@@ -58,8 +59,10 @@ class Service:
         require_eula: bool = False,
         dtype: str = "float32",
         device: str = "cpu",
+        served_names: list[str] = (),
     ):
         self.runner, self.tok, self.model_id, self.limits = runner, tok, model_id, limits
+        self.model_names = list(dict.fromkeys([model_id, *served_names]))  # what OpenAI's `model` may say
         self.api_keys, self.require_eula, self.dtype, self.device = list(api_keys), require_eula, dtype, device
         self.in_flight = 0
         self.draining = False
@@ -91,6 +94,21 @@ class Service:
         self.live.add(gen)
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         return gen
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to answer with for a request's `model` (unset: the first); 404 model_not_found for
+        a name this server does not serve (as OpenAI and vLLM answer)."""
+        if requested is None:
+            return self.model_id
+        if requested not in self.model_names:
+            raise ApiError(
+                "not_found",
+                f"model: the model `{requested}` does not exist (this server serves "
+                f"{', '.join(f'`{n}`' for n in self.model_names)}; `codellm serve --served-model-name` adds names)",
+                "model",
+                code="model_not_found",
+            )
+        return requested
 
     def begin_shutdown(self) -> None:
         self.draining = True
