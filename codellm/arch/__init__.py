@@ -7,7 +7,7 @@ call, with no edit to the Llama code. A config that matches no family gets one e
 exist.
 """
 
-from codellm.arch import llama  # noqa: F401 - registers the built-in families
+from codellm.arch import llama, t5  # noqa: F401 - registers the built-in families
 from codellm.arch.registry import Architecture, from_hf_config, of_model, register, supported
 
 __all__ = ["Architecture", "from_hf_config", "of_model", "register", "supported"]
