@@ -8,6 +8,7 @@ SIGTERM to this module's server: keep it last.
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -129,6 +130,43 @@ def test_disconnect_mid_stream_frees_the_slot(http):
     after = http.get("/metrics").text
     assert metric(after, "codellm_requests_cancelled_total") == cancelled + 1
     assert metric(after, "codellm_running_requests") == 0
+
+
+def test_a_socket_closed_mid_stream_frees_the_slot_at_once(http, server):
+    """A raw TCP client (no HTTP library's pooling or close handshake) reads the first event of a stream that
+    has ~1,900 tokens to go and closes its socket: the engine request is cancelled and its KV slot is free
+    well before the stream could have ended, and no token is generated for it afterwards."""
+    before = http.get("/metrics").text
+    free_idle = metric(before, "codellm_kv_slots_free")
+    body = json.dumps({"inputs": SLOW_PROMPT, "parameters": SLOW}).encode()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(
+        b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    seen = b""
+    while b"data:" not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    assert seen.startswith(b"HTTP/1.1 200")
+    assert metric(http.get("/metrics").text, "codellm_kv_slots_free") == free_idle - 1  # the stream holds one
+    sock.close()
+    t0 = time.monotonic()
+    while True:
+        now = http.get("/metrics").text
+        if metric(now, "codellm_kv_slots_free") == free_idle and metric(now, "codellm_http_requests_in_flight") == 0:
+            break
+        assert time.monotonic() - t0 < 2.0, "the slot was not freed within 2 s of the socket closing"
+        time.sleep(0.01)
+    assert metric(now, "codellm_running_requests") == 0
+    assert metric(now, "codellm_requests_cancelled_total") == metric(before, "codellm_requests_cancelled_total") + 1
+    generated = metric(now, "codellm_generated_tokens_total")
+    time.sleep(0.3)
+    assert metric(http.get("/metrics").text, "codellm_generated_tokens_total") == generated  # nothing runs for it
+    assert wait_admitted(http).status_code == 200
 
 
 def test_disconnect_while_waiting_for_a_whole_response_frees_the_slot(http, server):
