@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from codellm import arch
+from codellm.arch import meta
 from codellm.config import ModelConfig
 from codellm.errors import UserError
 from codellm.model import Transformer
@@ -52,7 +54,7 @@ def _read_json(path: Path) -> dict:
 def load_config(path: str | Path) -> ModelConfig:
     """The model config of a checkpoint directory, read by its architecture (codellm/arch)."""
     path = _checkpoint_dir(path)
-    hf, source = _read_json(path / "config.json"), str(path / "config.json")
+    hf, source = _hf_config(path)
     return arch.from_hf_config(hf, source).config_from_hf(hf, source)
 
 
@@ -60,9 +62,29 @@ def _checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not (path / "config.json").is_file() and not meta.is_meta_dir(path):
+        raise UserError(f"{path} has no config.json (Hugging Face layout) nor {meta.PARAMS} (Meta's layout): "
+                        f"not a model directory")
     return path
+
+
+def _hf_config(path: Path) -> tuple[dict, str]:
+    """The directory's config.json, or the one Meta's params.json implies (arch/meta.py); and its source."""
+    if meta.is_meta_dir(path):
+        return meta.hf_config(path), str(path / meta.PARAMS)
+    return _read_json(path / "config.json"), str(path / "config.json")
+
+
+def _tensors(path: Path, hf: dict) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+    """(file name, HF tensor name, loader) of every stored tensor; safetensors load only when asked."""
+    if meta.is_meta_dir(path):
+        for file, key, tensor in meta.hf_tensors(path, hf):
+            yield file, key, lambda tensor=tensor: tensor
+        return
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield file.name, key, lambda f=f, key=key: f.get_tensor(key)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -83,29 +105,27 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Transformer:
-    """Load an HF directory of a registered architecture (codellm/arch) into our model, in `dtype` on
-    `device`, in eval mode."""
+    """Load an HF directory of a registered architecture (codellm/arch), or a Llama in Meta's own layout
+    (params.json + consolidated.NN.pth, arch/meta.py), into our model, in `dtype` on `device`, in eval mode."""
     path, dtype = _checkpoint_dir(path), parse_dtype(dtype)
-    hf = _read_json(path / "config.json")
-    family = arch.from_hf_config(hf, str(path / "config.json"))
-    cfg = family.config_from_hf(hf, str(path / "config.json"))
+    hf, source = _hf_config(path)
+    family = arch.from_hf_config(hf, source)
+    cfg = family.config_from_hf(hf, source)
     with torch.device("meta"):
         model = family.build(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state = {}
-    for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if family.ignored and key.endswith(family.ignored):
-                    continue
-                name = family.to_ours(key)
-                if name not in expected:
-                    raise UserError(f"{file.name}: unexpected tensor {key!r} for a {family.name} model")
-                tensor = f.get_tensor(key)
-                if tensor.shape != expected[name]:
-                    raise UserError(f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                    f"config.json implies {tuple(expected[name])}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+    for file, key, get in _tensors(path, hf):
+        if family.ignored and key.endswith(family.ignored):
+            continue
+        name = family.to_ours(key)
+        if name not in expected:
+            raise UserError(f"{file}: unexpected tensor {key!r} for a {family.name} model")
+        tensor = get()
+        if tensor.shape != expected[name]:
+            raise UserError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                            f"{Path(source).name} implies {tuple(expected[name])}")
+        state[name] = tensor.to(device=device, dtype=dtype)
     if family.tied and hf.get("tie_word_embeddings"):
         head, embedding = family.tied
         if head not in state and embedding in state:
@@ -116,6 +136,20 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
         raise UserError(f"{path}: missing tensors: {shown}")
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+    """Write a model directory load_model reads (Meta's layout included) in the Hugging Face layout, with its
+    tokenizer; weights keep their stored dtype unless `dtype` is given. Returns `out`."""
+    src = _checkpoint_dir(src)
+    if Path(out).resolve() == src.resolve():
+        raise UserError(f"--out {out} is the source directory; write the converted model elsewhere")
+    if dtype is None:
+        dtype = meta.stored_dtype(src) if meta.is_meta_dir(src) else \
+            parse_dtype(_hf_config(src)[0].get("torch_dtype") or "float32")
+    model = load_model(src, dtype=dtype)
+    extra = meta.tokenizer_files(src) if meta.is_meta_dir(src) and (src / "tokenizer.model").is_file() else None
+    return save_model(model, out, tokenizer_dir=src, dtype=dtype, extra_files=extra)
 
 
 def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,

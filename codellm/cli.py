@@ -190,6 +190,15 @@ def count(n: int) -> str:
     return str(n)
 
 
+def cmd_convert(args):
+    from codellm.checkpoint import convert
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace it")
+    out = convert(args.src, args.out, args.dtype)
+    print(f"wrote the Hugging Face layout to {out}")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -228,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="describe a named preset instead of a model directory")
     add_model_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write a model (Meta's consolidated.NN.pth download, or HF) in the Hugging "
+                       "Face layout: config.json, safetensors, tokenizer")
+    p.add_argument("src", type=Path, help="model directory: Meta's (params.json, consolidated.NN.pth, "
+                   "tokenizer.model) or a Hugging Face one")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", help="weights dtype: float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the infilling tokens")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
