@@ -14,6 +14,7 @@ from codellm.checkpoint import load_model, save_model
 from codellm.errors import UserError
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only contend
 
 
 def hf_config(**overrides):
