@@ -109,7 +109,7 @@ def test_python_stage_reads_only_python(pretrained, data, tmp_path):
     assert (tmp_path / "py" / "final" / "model.safetensors").is_file()
 
 
-def test_sft_with_user_dialogs_mined_pairs_and_rehearsal(long_context, data, tmp_path):
+def test_sft_with_user_dialogs_mined_pairs_and_rehearsal(long_context, data, tmp_path, capsys):
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text(json.dumps({"system": "Be brief.", "messages": [
         {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}) + "\n")
@@ -117,6 +117,10 @@ def test_sft_with_user_dialogs_mined_pairs_and_rehearsal(long_context, data, tmp
          "--corpus", str(data["corpus"]), "--sft-data", str(dialogs), "--seq-len", "256", "--steps", "2",
          "--micro-batch-size", "2", "--batch-tokens", "512", "--save-every", "0", "--eval-every", "2",
          "--eval-batches", "1", "--log-every", "1"])
+    # 16 Python documents, each with 2 functions whose docstrings say what they do (and one that does not)
+    assert ("sft data: --sft-data 1 dialog (0 of them longer than a row of 257 tokens) + 32 docstring dialogs "
+            "mined from 16 Python documents (0 longer than a row of 257 tokens); 8% of examples are pretraining "
+            "documents") in capsys.readouterr().out
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert config["data"]["rehearsal"] == 0.08 and config["optim"]["lr"] == 2e-5
     assert all(0 < loss < 20 for _, loss in losses(tmp_path / "sft"))
@@ -128,8 +132,16 @@ def test_resume_in_process_repeats_the_loss_curve(data, tmp_path):
     run(pretrain_args(data, out, "--steps", "6", "--save-every", "2", "--keep-last", "1", "--eval-every", "0"))
     full = losses(out)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000004"]
+    crash_after_last_checkpoint(out)
     run(["train", "--resume", "--out", str(out)])  # replays steps 5-6 from the step-4 checkpoint
     assert losses(out) == full
+
+
+def crash_after_last_checkpoint(out: Path) -> None:
+    """The run dir as a run killed just before its end leaves it: no final/ (metrics past the checkpoint stay)."""
+    import shutil
+
+    shutil.rmtree(out / "final")
 
 
 def test_data_worker_processes_resume_exactly(data, tmp_path):
@@ -140,10 +152,11 @@ def test_data_worker_processes_resume_exactly(data, tmp_path):
     full = losses(out)
     state = json.loads((out / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["ranks"][0]["data"]["next"] == 0 and len(state["ranks"][0]["data"]["workers"]) == 2
+    crash_after_last_checkpoint(out)
+    with pytest.raises(UserError, match="would change the run .*: --data-workers 2 -> 3"):
+        cli.run_train(cli_args(["train", "--resume", "--out", str(out), "--data-workers", "3"]))
     run(["train", "--resume", "--out", str(out)])
     assert losses(out) == full
-    with pytest.raises(UserError, match="--data-workers 2; resume with the same number"):
-        cli.run_train(cli_args(["train", "--resume", "--out", str(out), "--data-workers", "3"]))
 
 
 def test_time_budget_ends_the_run_and_fits_the_schedule(data, tmp_path):
@@ -208,6 +221,53 @@ def test_plot_writes_a_png(pretrained, tmp_path):
     pytest.importorskip("matplotlib")
     run(["train", "plot", str(pretrained), "--png", str(tmp_path / "loss.png")])
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_refuses_changes_allows_more_steps_and_plots_the_resume(data, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    run(pretrain_args(data, out, "--steps", "4", "--save-every", "2", "--eval-every", "0"))
+    start = capsys.readouterr().out.splitlines()[0]
+    assert "| rope theta 1e+06 |" in start, start  # the tiny preset's theta
+    with pytest.raises(UserError, match="is complete .*step 4 of 4.*--init .*final"):
+        cli.run_train(cli_args(["train", "--resume", "--out", str(out)]))
+    crash_after_last_checkpoint(out)
+    for flags, shown in ((["--lr", "1e-3"], "--lr 0.0003 -> 0.001"), (["--batch-tokens", "512"], "--batch-tokens"),
+                         (["--seq-len", "32"], "--seq-len 64 -> 32"),
+                         (["--seed", "1", "--steps", "8"], "--seed 0 -> 1")):
+        with pytest.raises(UserError, match=f"would change the run in .*: {shown}"):
+            cli.run_train(cli_args(["train", "--resume", "--out", str(out), *flags]))
+    with pytest.raises(UserError, match="latest checkpoint is already at step 2"):
+        cli.run_train(cli_args(["train", "--resume", "--out", str(out), "--steps", "2"]))
+    run(["train", "--resume", "--out", str(out), "--steps", "6", "--lr", "3e-4", "--log-every", "1"])  # same lr
+    err = capsys.readouterr().err
+    assert "--steps 4 -> 6: the cosine schedule now ends at step 6" in err, err
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+    from codellm.train.plot import figure
+
+    fig = figure(out)
+    ax_loss = fig.axes[0]
+    assert ax_loss.get_title() == "run: pretrain of tiny preset, from scratch"
+    assert [line.get_xdata()[0] for line in ax_loss.get_lines() if line.get_label() == "resumed"] == [2]
+    assert any(ax.get_xlabel() == "tokens" for ax in ax_loss.child_axes)
+
+
+def test_short_runs_warn_and_seq_len_stays_within_the_context(data, tmp_path, capsys):
+    run(pretrain_args(data, tmp_path / "short", "--steps", "2", "--warmup-steps", "5", "--batch-tokens", "128",
+                      "--eval-every", "0", "--save-every", "0"))
+    err = capsys.readouterr().err
+    assert "warning: --warmup-steps 5 is all of --steps 2: the learning rate never reaches its peak" in err, err
+    assert "preset's" not in err  # --batch-tokens was given
+    from codellm.train.config import TrainConfig, short_run_warnings
+
+    cfg = TrainConfig.for_stage("pretrain", out="x", corpus="c", tokenizer="t", steps=5)
+    warned = short_run_warnings(cfg, {"steps"})
+    assert len(warned) == 2 and "262,144-token batches" in warned[1] and "--warmup-steps 1000" in warned[0]
+    assert short_run_warnings(TrainConfig.for_stage("pretrain", out="x", corpus="c", tokenizer="t"), set()) == []
+    with pytest.raises(UserError, match="--seq-len 512 exceeds the tiny preset's context 256; .*long-context"):
+        cli.run_train(cli_args(pretrain_args(data, tmp_path / "long", "--steps", "1", "--seq-len", "512",
+                                             "--batch-tokens", "1024")))
 
 
 def test_schedule_and_weight_decay_groups():

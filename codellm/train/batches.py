@@ -16,6 +16,7 @@ carries a loss weight: 1 for documents, the answer mask for chat, 0 for padding.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,7 +136,10 @@ class UserDialogs:
         self.records = records
 
     def __next__(self) -> list[dict]:
-        record = next(self.records)
+        return self.messages(next(self.records))
+
+    @staticmethod
+    def messages(record) -> list[dict]:
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise UserError(f"--sft-data: each line must be an object with a 'messages' list, got {str(record)[:80]}")
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
@@ -282,3 +286,65 @@ def make_batches(cfg: TrainConfig, tok: Tokenizer, seq_len: int, split: str, ran
     rehearsal = d.rehearsal if documents is not None else 0.0
     examples = Mixture([(chat, 1.0 - rehearsal), (documents, rehearsal)], seed=f"{cfg.seed}-mix-{split}-{rank}")
     return Packer(examples, seq_len, pad_id)
+
+
+
+SUMMARY_SAMPLE = 200  # Python documents mined to estimate the number of docstring dialogs
+SUMMARY_TOKENIZED = 1000  # user dialogs tokenized to count those longer than a row
+
+
+def sft_summary(cfg: TrainConfig, tok: Tokenizer) -> str:
+    """One line saying how many dialogs an sft run has: the --sft-data files' counted, the docstring dialogs
+    mined from the corpus estimated from its first Python documents (exact when there are few), and how many
+    are longer than a row (ChatExamples skips those)."""
+    d, row = cfg.data, cfg.data.seq_len + 1
+    parts = []
+    if d.sft_data:
+        n = long = 0
+        for n, (path, line) in enumerate(_lines(d.sft_data), 1):
+            if n <= SUMMARY_TOKENIZED:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"--sft-data {path}: a line is not JSON ({e})") from None
+                long += len(chat_tokens(tok, UserDialogs.messages(record))[0]) > row
+        checked = f"the first {SUMMARY_TOKENIZED:,}" if n > SUMMARY_TOKENIZED else "them"
+        parts.append(f"--sft-data {n:,} dialog{'s' * (n != 1)} ({long:,} of {checked} longer than a row of {row} "
+                     "tokens)")
+    if d.mine_docstrings and d.corpus is not None:
+        parts.append(_mined_dialogs(cfg, tok, row))
+    rehearsal = f"; {d.rehearsal:.0%} of examples are pretraining documents" if d.corpus and d.rehearsal else ""
+    return f"sft data: {' + '.join(parts) or 'no dialogs'}{rehearsal}"
+
+
+def _lines(files) -> Iterator[tuple[str, bytes]]:
+    for path in files:
+        if Path(path).is_file():
+            with open(path, "rb") as f:
+                yield from ((path, line) for line in f if line.strip())
+
+
+def _mined_dialogs(cfg: TrainConfig, tok: Tokenizer, row: int) -> str:
+    from codellm.data.build import FORMAT
+    from codellm.data.shards import load_manifest, read_corpus
+
+    split = load_manifest(Path(cfg.data.corpus), FORMAT, "--corpus")["splits"]["train"]
+    total = split.get("langs", {}).get("python", {}).get("docs")  # corpora built by `data build` have it
+    docs = dialogs = long = 0
+    for doc in read_corpus(Path(cfg.data.corpus), "train"):
+        if doc.get("lang") != "python":
+            continue
+        if docs == SUMMARY_SAMPLE and total is not None:
+            break
+        docs += 1
+        if docs <= SUMMARY_SAMPLE:
+            found = docstring_dialogs(doc["text"])
+            dialogs += len(found)
+            long += sum(len(chat_tokens(tok, dialog)[0]) > row for dialog in found)
+    total = docs if total is None else total
+    if total <= SUMMARY_SAMPLE:
+        return (f"{dialogs:,} docstring dialogs mined from {total:,} Python documents ({long:,} longer than a row "
+                f"of {row} tokens)")
+    scale = total / SUMMARY_SAMPLE
+    return (f"~{dialogs * scale:,.0f} docstring dialogs mined from {total:,} Python documents (estimated from the "
+            f"first {SUMMARY_SAMPLE}; ~{long * scale:,.0f} longer than a row of {row} tokens)")

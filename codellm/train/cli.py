@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from codellm.errors import UserError
-from codellm.train.config import STAGES, TrainConfig, apply_overrides
+from codellm.train.config import STAGES, TrainConfig, apply_overrides, short_run_warnings
 
 # (flag, type, help) per config field; the field name is the flag without dashes, "-" -> "_"
 RUN_FLAGS = [
@@ -114,20 +115,80 @@ def overrides(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+# What --resume may change: how the run is watched, saved and placed, which leaves its numbers as they were,
+# and --steps, which stretches (or shortens) the cosine schedule from the checkpoint on (logged). Anything
+# else (learning rate, batch, data, model, seed, precision, time budget) would silently make a different run.
+RESUME_MAY_CHANGE = ("steps", "device", "log_every", "eval_every", "eval_batches", "save_every", "keep_last",
+                     "peak_tflops", "compile", "fsdp")
+
+
 def run_train(args: argparse.Namespace) -> None:
     from codellm.train.loop import train
 
     if args.resume:
-        cfg = saved_config(args.out)
-        if args.stage not in (None, cfg.stage):
-            raise UserError(f"--stage {args.stage}: the run in {args.out} is a {cfg.stage} run")
-        apply_overrides(cfg, overrides(args))
-        cfg.validate()
+        cfg = resume_config(args)
     elif args.stage is None:
         raise UserError(f"--stage is required ({', '.join(STAGES)}), or `train plot RUN_DIR`")
     else:
         cfg = TrainConfig.for_stage(args.stage, **overrides(args))
+        for warning in short_run_warnings(cfg, set(overrides(args))):
+            _note(f"warning: {warning}")
     train(cfg, resume=args.resume)
+
+
+def resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The saved config of the run in --out with the changes --resume allows; any other change is an error."""
+    from codellm.train.checkpoints import checkpoint_dirs
+    from codellm.train.loop import lr_at
+
+    cfg = saved_config(args.out)
+    if args.stage not in (None, cfg.stage):
+        raise UserError(f"--stage {args.stage}: the run in {args.out} is a {cfg.stage} run")
+    given = overrides(args)
+    changed = {name: (setting(cfg, name), value) for name, value in given.items()
+               if _same(setting(cfg, name)) != _same(value)}
+    refused = [name for name in changed if name not in RESUME_MAY_CHANGE]
+    if refused:
+        what = ", ".join(f"{_flag(n)} {_show(changed[n][0])} -> {_show(changed[n][1])}" for n in refused)
+        raise UserError(f"--resume would change the run in {args.out}: {what}. Resume with its own settings "
+                        f"(only {', '.join(_flag(n) for n in RESUME_MAY_CHANGE)} may change), or start a new run "
+                        "with a new --out")
+    old_steps = cfg.steps
+    apply_overrides(cfg, given)
+    cfg.validate()
+    found = checkpoint_dirs(cfg.out)
+    if "steps" in changed and found:
+        at = int(found[-1].name.removeprefix("step_"))
+        if cfg.steps <= at:
+            raise UserError(f"--steps {cfg.steps}: the run's latest checkpoint is already at step {at}")
+        _note(f"resume: --steps {old_steps} -> {cfg.steps}: the cosine schedule now ends at step {cfg.steps}; the "
+              f"learning rate at step {at + 1} moves from {lr_at(at, old_steps, cfg.optim):.2e} to "
+              f"{lr_at(at, cfg.steps, cfg.optim):.2e}")
+    for name in changed.keys() - {"steps"}:
+        _note(f"resume: {_flag(name)} {_show(changed[name][0])} -> {_show(changed[name][1])}")
+    return cfg
+
+
+def setting(cfg: TrainConfig, name: str):
+    return next(getattr(s, name) for s in (cfg, cfg.optim, cfg.data) if hasattr(s, name))
+
+
+def _same(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def _note(line: str) -> None:
+    """A line on stderr from rank 0 (under torchrun every rank runs this)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"codellm: {line}", file=sys.stderr, flush=True)
 
 
 def saved_config(out: str | None) -> TrainConfig:

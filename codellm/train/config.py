@@ -122,6 +122,22 @@ class TrainConfig:
         return cls(**top, optim=OptimConfig(**d["optim"]), data=DataConfig(**data))
 
 
+def short_run_warnings(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """What makes a run too short for its settings, most often a stage preset fitted to a real run used for a
+    short try: `given` names the settings set on the command line."""
+    o, preset, warnings = cfg.optim, STAGE_PRESETS[cfg.stage], []
+    if 2 * o.warmup_steps > cfg.steps:
+        share = "all" if o.warmup_steps >= cfg.steps else "over half"
+        warnings.append(f"--warmup-steps {o.warmup_steps} is {share} of --steps {cfg.steps}: the learning rate "
+                        + ("never reaches" if o.warmup_steps >= cfg.steps else "barely stays at")
+                        + f" its peak {o.lr:g}; pass a shorter --warmup-steps (e.g. {max(1, cfg.steps // 10)})")
+    if "batch_tokens" not in given and cfg.steps * 10 < preset["steps"]:
+        warnings.append(f"--steps {cfg.steps} with the {cfg.stage} preset's {cfg.batch_tokens:,}-token batches, "
+                        f"sized for {preset['steps']:,}-step runs on a GPU: pass --batch-tokens (and "
+                        "--micro-batch-size) for a short try")
+    return warnings
+
+
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> None:
     """Set fields by name, wherever they live (field names are unique across the sections)."""
     sections = [cfg, cfg.optim, cfg.data]

@@ -27,7 +27,7 @@ from codellm.errors import UserError
 from codellm.model import Transformer
 from codellm.tokenizer import Tokenizer, load_tokenizer
 from codellm.train import checkpoints, distributed
-from codellm.train.batches import make_batches
+from codellm.train.batches import make_batches, sft_summary
 from codellm.train.config import OptimConfig, TrainConfig
 from codellm.train.distributed import Dist
 from codellm.train.feeders import Prefetcher, WorkerPool
@@ -58,6 +58,11 @@ def initial_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
     if cfg.init is None:
         mcfg = ModelConfig.from_preset(cfg.model_preset, vocab_size=tok.vocab_size, bos_id=tok.bos_id,
                                        eos_id=tok.eos_id)
+        if seq_len and seq_len > mcfg.max_seq_len * cfg.seq_len_multiplier:
+            raise UserError(f"--seq-len {seq_len} exceeds the {cfg.model_preset} preset's context {mcfg.max_seq_len}"
+                            + (f" x --seq-len-multiplier {cfg.seq_len_multiplier}" if cfg.seq_len_multiplier > 1
+                               else "")
+                            + "; pretrain within it and extend it with --stage long-context")
         mcfg = mcfg.replace(max_seq_len=seq_len or mcfg.max_seq_len, rope_theta=cfg.rope_theta or mcfg.rope_theta)
         return Transformer(mcfg).init_weights(cfg.seed)
     model = load_model(cfg.init, dtype="float32")
@@ -214,6 +219,11 @@ def _setup(cfg: TrainConfig, resume: bool, d: Dist) -> Run:
     run_dir = Path(cfg.out)
     tok = load_tokenizer(cfg.tokenizer or cfg.init)
     found = checkpoints.checkpoint_dirs(run_dir)
+    if resume and (run_dir / "final" / "training.json").is_file():
+        done = json.loads((run_dir / "final" / "training.json").read_text())
+        raise UserError(f"--resume: the run in {run_dir} is complete ({run_dir / 'final'} holds step "
+                        f"{done['steps']:,} of {done['config']['steps']:,}); nothing to resume. To train further, "
+                        f"start a new run from it: --init {run_dir / 'final'} --out NEW_DIR")
     if resume and not found:
         raise UserError(f"--resume: {run_dir}/checkpoints has no complete checkpoint")
     if not resume and (run_dir / "config.json").exists():
@@ -258,9 +268,13 @@ def _loop(run: Run) -> Path:
     peak, source = (cfg.peak_tflops * 1e12, "--peak-tflops") if cfg.peak_tflops else peak_flops(d.device, run.bf16)
     flops = flops_per_token(run.model.cfg, cfg.data.seq_len)
     log.print(f"train {cfg.stage}: {run.model.cfg.num_params() / 1e6:.1f}M params | seq_len {cfg.data.seq_len} | "
-              f"{cfg.batch_tokens:,} tokens/step = {d.world} rank(s) x {run.accum} x {cfg.micro_batch_size} rows"
-              f" | {'bf16' if run.bf16 else 'fp32'} | peak {peak / 1e12:.3g} TFLOP/s ({source})"
-              + (f" | resumed at step {run.step}" if run.resumed_from else ""))
+              f"rope theta {run.model.cfg.rope_theta:g} | {cfg.batch_tokens:,} tokens/step = {d.world} rank(s) x "
+              f"{run.accum} x {cfg.micro_batch_size} rows | {'bf16' if run.bf16 else 'fp32'} | peak "
+              f"{peak / 1e12:.3g} TFLOP/s ({source})" + (f" | resumed at step {run.step}" if run.resumed_from else ""))
+    if cfg.stage == "sft" and d.main:
+        log.print(sft_summary(cfg, run.tok))
+    if run.resumed_from:  # `train plot` marks it
+        log.write({"step": run.step, "tokens": run.tokens, "resumed": True})
     window = _Window()
     first = run.step
     while run.step < cfg.steps and run.time_done < 1.0:
