@@ -189,3 +189,29 @@ def test_make_demo_says_the_model_is_tiny_first():
     recipe = make.split("\ndemo:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert recipe[0].lstrip().startswith("@echo") and "tiny" in recipe[0] and "--model" in recipe[0], recipe[0]
     assert "codellm" in recipe[1]  # the line comes before any output of the model
+
+
+def test_readme_training_commands_exist_and_run_in_order():
+    """Each `codellm` line of the README's Train block parses as written, and every directory it reads
+    (--corpus, --tokenizer, --init, --model, a resumed or plotted run) was written by an earlier line."""
+    import shlex
+    from pathlib import Path
+
+    from codellm.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("\n## Train\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    parser, made, checked = build_parser(), [], 0
+    for line in block.splitlines():
+        if not line.startswith("codellm "):
+            continue
+        args = parser.parse_args(shlex.split(line, comments=True)[1:])
+        reads = [getattr(args, name, None) for name in ("corpus", "tokenizer", "init", "model", "run_dir")]
+        if getattr(args, "resume", False):
+            reads.append(args.out)
+        for path in (Path(p) for p in reads if p):
+            assert any(path == m or m in path.parents for m in made), f"{line!r} reads {path} before it is written"
+            checked += 1
+        if getattr(args, "out", None) and not getattr(args, "resume", False):
+            made.append(Path(args.out))
+    assert checked >= 10 and Path("tok") in made and Path("run/sft") in made

@@ -1,4 +1,7 @@
-"""`codellm data build|tokenize`. Also runs alone: `python -m codellm.data.cli data build ...`."""
+"""`codellm data build`. Also runs alone: `python -m codellm.data.cli data build ...`.
+
+Training reads the corpus as text and tokenizes as it goes (see codellm/data/shards.py for why there is no
+`data tokenize`)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ DEFAULT_BENCHMARKS = Path(__file__).resolve().parents[1] / "eval" / "data"  # sh
 
 
 def add_parser(subparsers) -> None:
-    """Add `data` with `build` and `tokenize` to an argparse subparsers object; each sets `func`."""
-    data = subparsers.add_parser("data", help="build a training corpus and tokenize it")
+    """Add `data` with `build` to an argparse subparsers object; it sets `func`."""
+    data = subparsers.add_parser("data", help="build a training corpus")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     b = sub.add_parser("build", help="walk sources, filter by licence and quality, dedup, decontaminate, split")
@@ -33,14 +36,6 @@ def add_parser(subparsers) -> None:
                    help="processes for the per-file checks (default: all cores; the corpus does not depend on it)")
     b.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     b.set_defaults(func=run_build)
-
-    t = sub.add_parser("tokenize", help="tokenize a corpus into memory-mappable token shards")
-    t.add_argument("--corpus", type=Path, required=True, help="corpus dir from `data build`")
-    t.add_argument("--tokenizer", type=Path, required=True, help="tokenizer dir (codellm.tokenizer)")
-    t.add_argument("--out", type=Path, required=True, help="token dir to create")
-    t.add_argument("--seq-len", type=int, default=None, help="training length, recorded with per-split stats")
-    t.add_argument("--force", action="store_true", help="replace existing token shards at --out")
-    t.set_defaults(func=run_tokenize)
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -69,21 +64,6 @@ def run_build(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {m['docs']:,} docs, {m['bytes'] / 1e6:.1f} MB ({split}); "
           f"dropped {sum(m['dropped'].values()):,} of {m['files_seen']:,} files, "
           f"{m['dropped'].get('contaminated', 0):,} for benchmark overlap")
-
-
-def run_tokenize(args: argparse.Namespace) -> None:
-    from codellm.data.shards import tokenize_corpus, tokenizer_sha256
-    from codellm.tokenizer import load_tokenizer
-
-    if not args.tokenizer.is_dir():
-        raise UserError(f"--tokenizer {args.tokenizer}: not a directory")
-    if args.seq_len is not None and args.seq_len <= 0:
-        raise UserError(f"--seq-len {args.seq_len}: must be positive")
-    tok = load_tokenizer(args.tokenizer)
-    m = tokenize_corpus(args.corpus, tok, args.out, tokenizer_hash=tokenizer_sha256(args.tokenizer),
-                        seq_len=args.seq_len, force=args.force)
-    split = ", ".join(f"{s} {v['tokens']:,} tokens / {v['docs']:,} docs" for s, v in m["splits"].items())
-    print(f"wrote {args.out}: {split} ({m['dtype']})")
 
 
 def main(argv: list[str] | None = None) -> int:
