@@ -107,6 +107,8 @@ def test_schema_errors_name_the_field():
         ["--port", "70000"],
         ["--max-concurrent-requests", "0"],
         ["--api-key", "has space"],
+        ["--max-best-of", "0"],
+        ["--served-model-name", " "],
     ],
 )
 def test_serve_option_errors_are_one_line(args, capsys):
