@@ -96,19 +96,19 @@ def test_saved_model_loads_in_transformers(tmp_path):
         assert torch.equal(a, b), name
 
 
-def codet5p_embedding_dir(path, seed=0):
+def codet5p_embedding_dir(path, seed=0, **config):
     """A folder laid out as Salesforce/codet5p-110m-embedding: a T5 encoder + `proj`, model_type
-    codet5p_embedding; returns it and the transformers pieces it was made from."""
+    codet5p_embedding; returns the transformers pieces it was made from."""
     torch.manual_seed(seed)
-    encoder = transformers.T5EncoderModel(hf_config()).eval()
+    encoder = transformers.T5EncoderModel(hf_config(**config)).eval()
     proj = torch.nn.Linear(32, 16)
     path.mkdir()
     tensors = {k: v.contiguous() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
     tensors |= {"proj.weight": proj.weight.detach(), "proj.bias": proj.bias.detach()}
     save_file(tensors, str(path / "model.safetensors"))
-    config = hf_config().to_dict() | {"architectures": ["CodeT5pEmbeddingModel"], "model_type": "codet5p_embedding",
-                                      "embed_dim": 16, "auto_map": {"AutoModel": "modeling_codet5p_embedding."
-                                                                                 "CodeT5pEmbeddingModel"}}
+    config = hf_config(**config).to_dict() | {
+        "architectures": ["CodeT5pEmbeddingModel"], "model_type": "codet5p_embedding", "embed_dim": 16,
+        "auto_map": {"AutoModel": "modeling_codet5p_embedding.CodeT5pEmbeddingModel"}}
     (path / "config.json").write_text(json.dumps(config))
     return encoder, proj
 
