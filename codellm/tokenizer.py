@@ -46,7 +46,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return HFTokenizer(path / "tokenizer.json", config)
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer(path / "tokenizer.model", config, read_added_tokens(path, config))
-    raise UserError(f"tokenizer: {path} contains neither tokenizer.json nor tokenizer.model")
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():  # CodeT5's RoBERTa-style files
+        from codellm.t5.tokenizer import tokenizer_json
+
+        with tokenizer_json(path, config, read_added_tokens(path, config)) as json_path:
+            return HFTokenizer(json_path, config)
+    raise UserError(f"tokenizer: {path} contains neither tokenizer.json nor tokenizer.model (nor CodeT5's "
+                    "vocab.json + merges.txt)")
 
 
 class Tokenizer(ABC):
