@@ -4,7 +4,8 @@ HumanEval (164/164), MBPP (500/500) and random-span-light infilling (164/164) ru
 infilling sets run a deterministic stratified subset, one item per HumanEval problem (164 each; the full
 5 815 multi-line items take minutes on two cores): set CODELLM_FULL_EVAL_TESTS=1 to run them all.
 MultiPL-E ships no reference solutions: hand-written ones for two problems run in every language whose
-toolchain the sandbox can use, and the rest are skipped with the reason.
+toolchain (executables and libraries, checked by building a known-good program) the sandbox can use, and the
+rest are skipped with the reason.
 """
 
 import json
@@ -15,8 +16,8 @@ import pytest
 
 from codellm.errors import UserError
 from codellm.eval.cli import BENCHMARK_DATA
-from codellm.eval.execution import LANGUAGES, missing_tools
 from codellm.eval.tasks import MBPP, HumanEval, Infilling, MultiPLE, get_task
+from codellm.eval.toolchain import check
 from codellm.sandbox import Limits, Sandbox
 from tests.eval_fixtures import EARLY_EXIT, SOLUTIONS, WRONG
 
@@ -165,9 +166,9 @@ def test_empty_and_wrong_completions_fail(sandbox):
 
 @pytest.mark.parametrize("lang", ["cpp", "java", "js", "ts", "php", "cs", "sh", "go", "rs"])
 def test_multipl_e_hand_solutions(sandbox, lang):
-    if missing := missing_tools(LANGUAGES[lang], sandbox.isolation.mode):
-        pytest.skip(f"{lang}: toolchain not usable by the sandbox: {', '.join(missing)}")
     task = MultiPLE(DATA, lang)
+    if why := check(task, sandbox):
+        pytest.skip(f"{lang}: toolchain not usable by the sandbox: {why}")
     cases = [(name, completion, {"passed"}) for name, completion in SOLUTIONS[lang].items()] + [
         (GCD, WRONG[lang], {"failed"}),
         (GCD, EARLY_EXIT[lang], {"failed"}),  # exits 0 before the tests: no nonce

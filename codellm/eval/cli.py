@@ -129,14 +129,20 @@ def make_generator(args):
 
 
 def cmd_run(args) -> None:
-    from codellm.eval.runner import generate_samples
     from codellm.options import sampling_params
 
     start = time.monotonic()
-    _positive(args, "n", "batch_size", "concurrency", "limit")  # batch_size: --max-batch
+    _positive(args, "n", "batch_size", "concurrency", "limit", "workers", "timeout")  # batch_size: --max-batch
     if args.n > 1 and args.temperature == 0:
         raise UserError("--n > 1 needs sampling: set --temperature (Code Llama: 0.8 with --top-p 0.95)")
     task, params = make_task(args), sampling_params(args)
+    with _sandbox(task, args) as sandbox:  # a task whose toolchain is missing is refused before generating
+        _run(args, task, params, sandbox, start)
+
+
+def _run(args, task, params, sandbox, start: float) -> None:
+    from codellm.eval.runner import generate_samples
+
     problems = task.problems[: args.limit]
     order = getattr(args, "order", "psm")
     out = args.out or Path("runs") / "eval" / (task.name + (f"-{order}" if task.name.startswith("infill") else ""))
@@ -163,6 +169,7 @@ def cmd_run(args) -> None:
     _execute(
         task,
         samples,
+        sandbox,
         out / "results.jsonl",
         out / "summary.json",
         args,
@@ -176,42 +183,56 @@ def cmd_execute(args) -> None:
     from codellm.eval.runner import read_samples
     from codellm.eval.tasks import get_task
 
+    start = time.monotonic()
+    _positive(args, "workers", "timeout")
     task = get_task(args.task, args.data_dir)
     samples = read_samples(args.samples)
-    _execute(
-        task,
-        samples,
-        Path(f"{args.samples}_results.jsonl"),
-        Path(f"{args.samples}_summary.json"),
-        args,
-        time.monotonic(),
-        model={"kind": "samples", "samples": str(args.samples)},
-        params={"task": task.name},
-    )
+    with _sandbox(task, args) as sandbox:
+        _execute(
+            task,
+            samples,
+            sandbox,
+            Path(f"{args.samples}_results.jsonl"),
+            Path(f"{args.samples}_summary.json"),
+            args,
+            start,
+            model={"kind": "samples", "samples": str(args.samples)},
+            params={"task": task.name},
+        )
 
 
-def _execute(task, samples, results_path: Path, summary_path: Path, args, start: float, **info) -> None:
+@contextlib.contextmanager
+def _sandbox(task, args):
+    """The sandbox the task's programs run in, once a known-good program of the task passes there: a missing
+    compiler, runtime or library is one error now, not a score of zero later."""
+    from codellm.eval.toolchain import require
+    from codellm.sandbox import Sandbox
+
+    with Sandbox(workers=args.workers) as sandbox:
+        if not sandbox.isolation.network:
+            print(f"codellm: warning: {sandbox.isolation.note}", file=sys.stderr, flush=True)
+        require(task, sandbox)
+        yield sandbox
+
+
+def _execute(task, samples, sandbox, results_path: Path, summary_path: Path, args, start: float, **info) -> None:
     """Run the samples and write the summary; its `seconds` adds this invocation's wall time to those of
     the invocations it resumed."""
     from codellm.eval.runner import execute_samples, summarize, write_summary
-    from codellm.sandbox import Limits, Sandbox
+    from codellm.sandbox import Limits
 
-    _positive(args, "workers", "timeout")
     limits = Limits(cpu_seconds=args.timeout or task.timeout)
     before = 0.0
     if summary_path.exists():
         with contextlib.suppress(ValueError, TypeError, KeyError):
             before = float(json.loads(summary_path.read_text())["seconds"])
-    with Sandbox(workers=args.workers) as sandbox:
-        if not sandbox.isolation.network:
-            print(f"codellm: warning: {sandbox.isolation.note}", file=sys.stderr, flush=True)
-        generated = time.monotonic()
-        results = execute_samples(task, samples, results_path, sandbox, limits)
-        summary = summarize(task, results, sandbox, limits, **info)
-        now = time.monotonic()
-        summary["seconds"] = round(before + now - start, 1)
-        summary["seconds_this_run"] = {"generate": round(generated - start, 1), "execute": round(now - generated, 1)}
-        write_summary(summary_path, summary)
+    generated = time.monotonic()
+    results = execute_samples(task, samples, results_path, sandbox, limits)
+    summary = summarize(task, results, sandbox, limits, **info)
+    now = time.monotonic()
+    summary["seconds"] = round(before + now - start, 1)
+    summary["seconds_this_run"] = {"generate": round(generated - start, 1), "execute": round(now - generated, 1)}
+    write_summary(summary_path, summary)
 
 
 def cmd_report(args) -> None:

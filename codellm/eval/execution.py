@@ -32,7 +32,51 @@ OOM_MARKERS = (
     "out of memory",
 )
 RUNNER = (Path(__file__).parent / "pyrunner.py").read_text()
-JAVATUPLES = "/usr/share/java/javatuples.jar"  # Debian's libjavatuples-java; MultiPL-E's Java tests import it
+SANDBOX_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # replaced by private tmpfs in an isolated sandbox
+
+
+@dataclass(frozen=True)
+class Library:
+    """A file a language's programs need besides its executables, found through `env` (a file, or a folder
+    holding one of `names`) or else in `folder`; `{name}` in a compile or run argument becomes its path."""
+
+    name: str
+    names: tuple[str, ...]  # file names to look for in a folder, in order (globs allowed)
+    env: str
+    folder: str
+    install: str  # how to get it
+
+    def path(self) -> str | None:
+        """Where the file really is (links resolved: the sandbox sees the target, not a link under /tmp)."""
+        where = Path(os.environ.get(self.env) or self.folder)
+        if where.is_file():
+            return os.path.realpath(where)
+        for pattern in self.names if where.is_dir() else ():
+            if found := sorted(where.glob(pattern)):
+                return os.path.realpath(found[0])
+        return None
+
+    def missing(self, ws_mode: str) -> str | None:
+        """Why the sandbox (of isolation mode `ws_mode`) cannot use it (None: it can)."""
+        where = os.environ.get(self.env) or self.folder
+        path = self.path()
+        if path is None:
+            return f"{self.name} not found in {where} (set {self.env} to the file or its folder; {self.install})"
+        if ws_mode != "none" and any(path.startswith(d + "/") for d in SANDBOX_TMPFS):
+            hidden = ", ".join(SANDBOX_TMPFS)
+            return f"{self.name} at {path} is hidden from programs: the sandbox mounts its own {hidden}"
+        if ws_mode == "root" and not world_readable(path):
+            return f"{self.name} at {path} is not readable by the sandbox user (chmod a+r it and its folders)"
+        return None
+
+
+JAVATUPLES = Library(  # MultiPL-E's Java prompts import org.javatuples.*
+    "javatuples",
+    ("javatuples.jar", "javatuples-*.jar"),
+    "CODELLM_JAVATUPLES",
+    "/usr/share/java",
+    "Debian/Ubuntu: apt install libjavatuples-java; elsewhere: javatuples-1.2.jar from Maven Central",
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +109,7 @@ class Language:
     exit_unreliable: bool = False  # a failed assertion may still exit 0 (C# Debug.Assert under mono)
     silent_failure: bool = False  # a failed test exits non-zero without output (bash `set -e`)
     env: dict = field(default_factory=dict)
+    libraries: tuple[Library, ...] = ()  # files on the classpath (or similar) besides the executables
 
     @property
     def tools(self) -> tuple[str, ...]:
@@ -112,12 +157,15 @@ LANGUAGES = {
         Language(
             "java",
             "Problem.java",
-            ("java", "-ea", "-XX:+UseSerialGC", "-cp", f".:{JAVATUPLES}", "Problem"),
-            compile=("javac", "-J-XX:+UseSerialGC", "-encoding", "UTF8", "-cp", JAVATUPLES, "-d", ".", "Problem.java"),
+            ("java", "-ea", "-XX:+UseSerialGC", "-cp", ".:{javatuples}", "Problem"),
+            compile=(
+                "javac", "-J-XX:+UseSerialGC", "-encoding", "UTF8", "-cp", "{javatuples}", "-d", ".", "Problem.java"
+            ),
             nonce='System.out.println("{nonce}");',
             nonce_before_brace=2,
             memory_rlimit="data",
             failure=("AssertionError",),
+            libraries=(JAVATUPLES,),
         ),
         Language(
             "cs",
@@ -191,14 +239,22 @@ def resolve_tool(name: str, sandbox_uid: bool) -> str | None:
 
 
 def missing_tools(lang: Language, ws_mode: str) -> list[str]:
-    return [t for t in lang.tools if resolve_tool(t, ws_mode == "root") is None]
+    """What the sandbox lacks to build and run `lang`'s programs: executables by name, libraries with the reason
+    (an empty list: nothing is missing that can be checked without running a program; `toolchain.check` runs one)."""
+    tools = [t for t in dict.fromkeys(lang.tools) if resolve_tool(t, ws_mode == "root") is None]
+    return tools + [why for lib in lang.libraries if (why := lib.missing(ws_mode))]
+
+
+def world_readable(path: str) -> bool:
+    parents = Path(path).parents
+    return os.stat(path).st_mode & 0o004 != 0 and all(os.stat(p).st_mode & 0o001 for p in parents)
 
 
 def execute(program: Program, ws: Workspace, limits: Limits) -> tuple[str, Outcome]:
     """Build and run one program in a fresh workspace -> (status, outcome of the last step)."""
     lang = LANGUAGES[program.language]
     if missing := missing_tools(lang, ws.mode):
-        return "sandbox_error", _error(f"toolchain not available to the sandbox: {', '.join(missing)}")
+        return "sandbox_error", _error(f"toolchain not available to the sandbox: {'; '.join(missing)}")
     nonce = secrets.token_hex(16)
     uid_mode = ws.mode == "root"
     if lang is PY:
@@ -209,12 +265,13 @@ def execute(program: Program, ws: Workspace, limits: Limits) -> tuple[str, Outco
     ws.write(lang.source, f"{program.solution}\n{with_nonce(lang, program.tests, nonce)}")
     limits = replace(limits, memory_rlimit=lang.memory_rlimit)
     if lang.compile:
-        built = ws.run(_argv(lang.compile, uid_mode), replace(limits, cpu_seconds=max(30.0, limits.cpu_seconds)))
+        compile_limits = replace(limits, cpu_seconds=max(30.0, limits.cpu_seconds))
+        built = ws.run(_argv(lang.compile, uid_mode, lang.libraries), compile_limits, keep=True)
         if not built.ok:
             status = "timeout" if built.timed_out else "sandbox_error" if built.error else "compile_error"
             return status, built
         ws.remove(lang.source)
-    out = ws.run(_argv(lang.run, uid_mode), limits, env=lang.env)
+    out = ws.run(_argv(lang.run, uid_mode, lang.libraries), limits, env=lang.env)
     return verdict(lang, out, nonce), out
 
 
@@ -241,10 +298,13 @@ def verdict(lang: Language, out: Outcome, nonce: str) -> str:
     return "runtime_error"
 
 
-def _argv(template: tuple[str, ...], uid_mode: bool) -> list[str]:
-    if template[0].startswith("./"):
-        return list(template)
-    return [resolve_tool(template[0], uid_mode) or template[0], *template[1:]]
+def _argv(template: tuple[str, ...], uid_mode: bool, libraries: tuple[Library, ...] = ()) -> list[str]:
+    args = list(template)
+    for lib in libraries:
+        args = [a.replace("{" + lib.name + "}", lib.path() or "") for a in args]
+    if args[0].startswith("./"):
+        return args
+    return [resolve_tool(args[0], uid_mode) or args[0], *args[1:]]
 
 
 def _error(message: str) -> Outcome:
