@@ -155,3 +155,17 @@ def test_registry_and_config_errors():
         t5.config_from_hf({k: v for k, v in good.items() if k != "d_kv"})
     with pytest.raises(UserError, match="not a T5 kind"):
         t5.config_from_hf(good | {"architectures": ["T5ForQuestionAnswering"]})
+
+
+def test_a_checkpoint_with_only_a_stack_copy_of_the_embedding_loads(tmp_path):
+    """Older saves carry `encoder.embed_tokens.weight` (a tie of `shared`) and may lack `shared.weight`, and
+    carry the decoder's unused cross-attention position table; transformers loads them, so do we."""
+    from safetensors.torch import load_file
+
+    hf, _ = hf_seq2seq(tmp_path)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+    tensors["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    ours = load_model(tmp_path / "hf")
+    assert torch.equal(ours.shared.weight, hf.shared.weight)

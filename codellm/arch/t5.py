@@ -14,7 +14,7 @@ Three kinds of model share this class, as the three CodeT5+ checkpoints: `seq2se
 (T5ForConditionalGeneration: codet5p-220m/770m), `encoder` (T5EncoderModel) and `embedding`
 (codet5p-110m-embedding: an encoder plus `proj`, the embedding being the L2-normalised projection of the
 first token's final state). Parameter names equal HF's, so checkpoints map one to one; the per-stack
-copies of the shared embedding (`encoder.embed_tokens`, `decoder.embed_tokens`) are ties, never loaded.
+copies of the shared embedding (`encoder.embed_tokens`, `decoder.embed_tokens`) load as `shared`.
 """
 
 from __future__ import annotations
@@ -396,8 +396,8 @@ T5_ARCH = register(Architecture(
     config_to_hf=config_to_hf,
     build=T5,
     model_class=T5,
-    to_ours=lambda key: key,
+    # each stack's `embed_tokens` is a tie of `shared` (a checkpoint may carry any of them)
+    to_ours=lambda key: "shared.weight" if key.endswith("embed_tokens.weight") else key,
     to_hf=lambda name: name,
-    # per-stack ties of `shared`, and a table old checkpoints carry that no model reads (HF ignores it too)
-    ignored=("embed_tokens.weight", "EncDecAttention.relative_attention_bias.weight"),
+    ignored=("EncDecAttention.relative_attention_bias.weight",),  # in old checkpoints, read by no model (HF too)
 ))
