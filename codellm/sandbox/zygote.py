@@ -37,13 +37,17 @@ import time
 PRELOADED = ("bisect", "collections", "functools", "hashlib", "heapq", "itertools", "math", "re", "string", "typing")
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 0x400, 0x800, 0x1000, 0x4000, 0x40000, 0x200000
+ST_RELATIME, MNT_DETACH = 0x1000, 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}.get(os.uname().machine, -1)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 SETUP_FAILED = 125
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.unshare.argtypes = [ctypes.c_int]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
@@ -96,18 +100,23 @@ def _start(req: dict, fds: list[int], err_w: int):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
-    tmpfs = f"size={req['tmpfs_mb']}m,mode=1777"
-    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
-    os.mkdir("/dev/shm/w")
-    _mount(req["path"], "/dev/shm/w", None, MS_BIND)  # before /tmp is covered: the work dir may live there
-    for target in ("/tmp", "/var/tmp"):
-        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    if not req.get("root"):  # the host's root, with private tmpfs over /dev/shm, /tmp and /var/tmp
+        tmpfs = f"size={req['tmpfs_mb']}m,mode=1777"
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+        os.mkdir("/dev/shm/w")
+        _mount(req["path"], "/dev/shm/w", None, MS_BIND)  # before /tmp is covered: the work dir may live there
+        for target in ("/tmp", "/var/tmp"):
+            _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
     life_r, life_w = os.pipe()  # B's parent is outside its PID namespace (getppid() is 0): watch a pipe instead
     if os.fork() == 0:  # B, PID 1 of the new namespace
         os.close(life_w)
         _die_with_parent(lambda: _open(life_r))
         os.close(life_r)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        host_dir = None
+        if req.get("root"):
+            host_dir = os.open(req["path"], os.O_RDONLY | os.O_DIRECTORY)
+            _minimal_root(req)
         c = os.fork()
         if c == 0:
             return _program(req, fds)
@@ -126,11 +135,101 @@ def _start(req: dict, fds: list[int], err_w: int):
                         os.kill(-1, signal.SIGKILL)
                     except ProcessLookupError:  # nothing left
                         pass
+        if host_dir is not None and req.get("keep"):
+            _copy_back(host_dir, req["uid"])
         os._exit(status)
     for fd in (*fds, err_w, life_r):
         os.close(fd)
     _, st = os.waitpid(-1, 0)
     os._exit(_code(st))
+
+
+def _locked(path: str) -> int:
+    """The mount flags of `path` that a read-only remount must keep (a user namespace may not drop them)."""
+    flags = os.statvfs(path).f_flag
+    keep = [(os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC)]
+    keep += [(os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (ST_RELATIME, MS_RELATIME)]
+    return sum(ms for st, ms in keep if flags & st)
+
+
+def _minimal_root(req: dict) -> None:
+    """In B, the init of the run's namespaces: make a new root holding only the read-only `binds` (the
+    interpreters and toolchains, /etc), empty over each of `hide`, a few devices, this namespace's /proc and
+    one size-limited tmpfs for everything writable (the work dir, /tmp, /var/tmp, /dev/shm); pivot into it and
+    drop the host's root. The work dir's files are copied in: the program never sees the host's folder."""
+    new = req["root"]
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for path in req["binds"]:
+        target = new + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), target)
+            continue
+        if os.path.isdir(path):
+            os.makedirs(target, exist_ok=True)
+        else:
+            open(target, "w").close()
+        _mount(path, target, None, MS_BIND | MS_REC)
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked(path))
+    for path in req["hide"]:
+        if os.path.isdir(new + path):
+            _mount("tmpfs", new + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=755")
+    dev = new + "/dev"
+    os.mkdir(dev)
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    for name in ("null", "zero", "full", "random", "urandom"):
+        open(f"{dev}/{name}", "w").close()
+        _mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
+        os.symlink(to, f"{dev}/{name}")
+    os.symlink("/proc/self/fd/2", f"{dev}/stderr")
+    run = new + "/.run"  # the run's one writable filesystem, bound where programs write
+    os.mkdir(run)
+    _mount("tmpfs", run, "tmpfs", MS_NOSUID | MS_NODEV, f"size={req['tmpfs_mb']}m,mode=755")
+    for sub, target in (("shm", "/dev/shm"), ("tmp", "/tmp"), ("vartmp", "/var/tmp")):
+        os.mkdir(f"{run}/{sub}", 0o1777)
+        os.chmod(f"{run}/{sub}", 0o1777)
+        os.makedirs(new + target, exist_ok=True)
+        _mount(f"{run}/{sub}", new + target, None, MS_BIND)
+    work = f"{new}/dev/shm/w"
+    os.mkdir(work, 0o700)
+    owner = req["uid"] if req["uid"] is not None else os.getuid()
+    os.chown(work, owner, owner)
+    for entry in os.scandir(req["path"]):
+        if entry.is_file(follow_symlinks=False):
+            _copy(entry.path, f"{work}/{entry.name}", entry.stat().st_mode & 0o777, owner)
+    os.mkdir(new + "/proc")
+    _mount("/proc", new + "/proc", None, MS_BIND | MS_REC)
+    os.chdir(new)
+    _check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(libc.umount2(b".", MNT_DETACH), "umount the host's root")
+    os.chdir("/")
+    _check(libc.umount2(b"/.run", MNT_DETACH), "umount /.run")
+    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _copy(src, dst, mode: int, owner: int, dir_fd=None) -> None:
+    """Copy a regular file (never following a link at either end)."""
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+        try:
+            while chunk := os.read(fin, 1 << 20):
+                os.write(fout, chunk)
+            os.fchown(fout, owner, owner)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _copy_back(host_dir: int, uid) -> None:
+    """After a build step (everyone else in the namespace is dead): its files back to the host's work dir, which
+    the next step of the same program copies in again. Bounded by the run's tmpfs."""
+    owner = uid if uid is not None else os.getuid()
+    for entry in os.scandir("/dev/shm/w"):
+        if entry.is_file(follow_symlinks=False):
+            _copy(entry.path, entry.name, entry.stat().st_mode & 0o777, owner, dir_fd=host_dir)
 
 
 def _program(req: dict, fds: list[int]):
@@ -219,6 +318,10 @@ def serve():
         if not message:
             os._exit(0)
         req = json.loads(message)
+        if "kill" in req:  # for a run that ended while the harness asked: its status is already on the way
+            for fd in fds:
+                os.close(fd)
+            continue
         err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
