@@ -20,7 +20,6 @@ from codellm.options import (
     run,
     sampling_params,
 )
-from codellm.t5 import cli as t5_cli
 
 
 def print_stream(events) -> None:
@@ -55,8 +54,6 @@ def cmd_complete(args):
     params = sampling_params(args)
     model, tok = load(args)
     prompt = require_text(read_text_arg(args.prompt, "prompt"), "prompt", blank_ok=True)
-    if t5_cli.is_t5(model):  # encoder-decoder: the encoder reads the prompt
-        return t5_cli.complete(args, model, tok, prompt)
     ids = tok.encode(prompt, bos=True)
     if args.echo:
         sys.stdout.write(prompt)
@@ -86,8 +83,6 @@ def cmd_infill(args):
     if not (prefix or suffix):
         raise UserError("--prefix and --suffix are both empty: there is nothing to fill between")
     model, tok = load(args)
-    if t5_cli.is_t5(model):  # span denoising: prefix <extra_id_0> suffix
-        return t5_cli.infill(args, model, tok, prefix, suffix)
     ids = formats.infill_prompt(tok, prefix, suffix, args.order)
     events = engine_stream(args, model, tok, ids, params)
     if args.show_file:
@@ -103,7 +98,6 @@ def cmd_chat(args):
 
     params = sampling_params(args)
     model, tok = load(args, instruct=True)
-    t5_cli.refuse(model, "chat")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": require_text(read_text_arg(args.message, "message"), "message")})
@@ -144,8 +138,6 @@ def cmd_info(args):
     else:
         path = model_dir(args.model)
         cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
-        if t5_cli.is_t5(cfg):
-            return t5_cli.info(cfg, where, args.dtype)
     dtype = parse_dtype(args.dtype or "bfloat16")
     nbytes = dtype.itemsize
     n = cfg.num_params()
@@ -207,6 +199,15 @@ def cmd_convert(args):
     print(f"wrote the Hugging Face layout to {out}")
 
 
+def cmd_export_gguf(args):
+    from codellm import gguf
+
+    if args.out.exists() and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace it")
+    out = gguf.export(args.model, args.out, args.type)
+    print(f"wrote {args.type} GGUF to {out} ({_gib(out.stat().st_size)})")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -255,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="write a model in another program's format (gguf: llama.cpp, Ollama)")
+    esub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    e = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama (llama architecture, tokenizer inside)")
+    e.add_argument("model", type=Path, help="model directory (Hugging Face layout)")
+    e.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0"), help="weight type (default f16)")
+    e.add_argument("--out", type=Path, required=True, help="output .gguf file (written atomically)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+    e.set_defaults(func=cmd_export_gguf)
+
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with the infilling tokens")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tsub.add_parser("train", help="train on the train split of a corpus (codellm data build)")
@@ -270,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     from codellm.server import cli as server_cli
     from codellm.train import cli as train_cli
 
-    for area in (data_cli, train_cli, eval_cli, server_cli, t5_cli):  # each adds its commands; none imports this module
+    for area in (data_cli, train_cli, eval_cli, server_cli):  # each adds its commands; none imports this module
         area.add_parser(sub)
     return parser
 

@@ -107,12 +107,17 @@ def model_dir(model: Path | None, instruct: bool = False) -> Path:
 
 def load(args, instruct: bool = False):
     """(model, tokenizer) from --model/--device/--dtype."""
+    from codellm import gguf
     from codellm.checkpoint import load_model
     from codellm.tokenizer import load_tokenizer
 
-    path = model_dir(args.model, instruct)
+    file = Path(args.model) if args.model is not None else default_model_path(instruct)
+    path = file if gguf.is_gguf(file) else model_dir(args.model, instruct)
     args.device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if gguf.is_gguf(path):  # a llama.cpp / Ollama file: weights, config and tokenizer in one (codellm/gguf.py)
+        model, tok = gguf.load(path, device=args.device, dtype=dtype)
+        return gguf.apply_options(model, args, path, lambda model, args, path: model), tok
     return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)
 
 
