@@ -20,6 +20,7 @@ from codellm.options import (
     run,
     sampling_params,
 )
+from codellm.t5 import cli as t5_cli
 
 
 def print_stream(events) -> None:
@@ -54,6 +55,8 @@ def cmd_complete(args):
     params = sampling_params(args)
     model, tok = load(args)
     prompt = require_text(read_text_arg(args.prompt, "prompt"), "prompt", blank_ok=True)
+    if t5_cli.is_t5(model):  # encoder-decoder: the encoder reads the prompt
+        return t5_cli.complete(args, model, tok, prompt)
     ids = tok.encode(prompt, bos=True)
     if args.echo:
         sys.stdout.write(prompt)
@@ -83,6 +86,8 @@ def cmd_infill(args):
     if not (prefix or suffix):
         raise UserError("--prefix and --suffix are both empty: there is nothing to fill between")
     model, tok = load(args)
+    if t5_cli.is_t5(model):  # span denoising: prefix <extra_id_0> suffix
+        return t5_cli.infill(args, model, tok, prefix, suffix)
     ids = formats.infill_prompt(tok, prefix, suffix, args.order)
     events = engine_stream(args, model, tok, ids, params)
     if args.show_file:
@@ -98,6 +103,7 @@ def cmd_chat(args):
 
     params = sampling_params(args)
     model, tok = load(args, instruct=True)
+    t5_cli.refuse(model, "chat")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": require_text(read_text_arg(args.message, "message"), "message")})
@@ -138,6 +144,8 @@ def cmd_info(args):
     else:
         path = model_dir(args.model)
         cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
+        if t5_cli.is_t5(cfg):
+            return t5_cli.info(cfg, where, args.dtype)
     dtype = parse_dtype(args.dtype or "bfloat16")
     nbytes = dtype.itemsize
     n = cfg.num_params()
@@ -280,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     from codellm.server import cli as server_cli
     from codellm.train import cli as train_cli
 
-    for area in (data_cli, train_cli, eval_cli, server_cli):  # each adds its commands; none imports this module
+    for area in (data_cli, train_cli, eval_cli, server_cli, t5_cli):  # each adds its commands; none imports this module
         area.add_parser(sub)
     return parser
 
