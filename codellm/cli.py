@@ -142,8 +142,13 @@ def cmd_info(args):
     if args.preset:
         cfg, tok, where = ModelConfig.from_preset(args.preset), None, f"preset {args.preset}"
     else:
-        path = model_dir(args.model)
-        cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
+        from codellm import gguf
+
+        if gguf.is_gguf(args.model):  # a llama.cpp / Ollama file (codellm/gguf.py)
+            cfg, tok, where = gguf.load_config(args.model), gguf.load_tokenizer(args.model), str(args.model)
+        else:
+            path = model_dir(args.model)
+            cfg, tok, where = load_config(path), load_tokenizer(path), str(path)
         if t5_cli.is_t5(cfg):
             return t5_cli.info(cfg, where, args.dtype)
     dtype = parse_dtype(args.dtype or "bfloat16")

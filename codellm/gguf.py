@@ -92,6 +92,10 @@ def apply_options(model: Transformer, args, path: Path, quantize_loaded) -> Tran
     return model
 
 
+def load_config(path: str | Path) -> ModelConfig:
+    return config_from_gguf(_reader(path), Path(path))
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Transformer:
     return _load_model(_reader(path), Path(path), device, dtype)
 

@@ -294,6 +294,9 @@ def test_cli_export_then_complete(sp_dir, tmp_path):
     done = run("complete", "def add(a, b):", "--model", tmp_path / "m.gguf", "--max-new-tokens", "10")
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == expected.rstrip("\n") and expected.strip()
+    info = run("info", "--model", tmp_path / "m.gguf")
+    assert info.returncode == 0 and f"{model.cfg.n_layers} / {model.cfg.dim} / {model.cfg.hidden_dim}" in info.stdout
+    assert f"PRE/SUF/MID/EOT = {tok.prefix_id}/{tok.suffix_id}/{tok.middle_id}/{tok.eot_id}" in info.stdout
 
 
 @needs_cxx
