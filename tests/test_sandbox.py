@@ -434,3 +434,24 @@ def test_writes_are_capped_as_a_whole_and_gone_after_the_run(sandbox):
     written, errno = map(int, out.stdout.split())
     assert written <= 16 and errno == 28, out  # ENOSPC: 16 MiB in all, across every writable place
     assert left == [], left
+
+
+def test_seccomp_refuses_namespaces_ptrace_and_keyrings(sandbox):
+    if sandbox.isolation.mode == "none" or os.uname().machine != "x86_64":
+        pytest.skip(f"the seccomp filter is installed with namespaces on x86-64 only ({sandbox.isolation.note})")
+    probe = (
+        "import ctypes, os, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, call in [('unshare', lambda: libc.unshare(0x10000000)),"
+        " ('ptrace', lambda: libc.ptrace(0, 0, 0, 0)), ('keyctl', lambda: libc.syscall(250, 0, -3, 0, 0)),"
+        " ('mount', lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))]:\n"
+        "    print(name, call(), ctypes.get_errno())\n"
+        "t = threading.Thread(target=print, args=('thread', 'ok'))\nt.start()\nt.join()\n"
+        "print('fork', 'ok' if os.fork() else os._exit(0))"
+    )
+    with sandbox.workspace() as ws:
+        out = ws.run_python(probe, LIMITS)
+        shell = ws.run(["unshare", "-U", "true"], LIMITS)
+    lines = out.stdout.splitlines()
+    assert lines[:4] == ["unshare -1 1", "ptrace -1 1", "keyctl -1 1", "mount -1 1"], out
+    assert lines[4:] == ["thread ok", "fork ok"], out  # threads and processes still work
+    assert shell.exit_code != 0, shell

@@ -259,6 +259,7 @@ class Workspace:
             "cwd": str(self.path) if self.mode == "none" else "/dev/shm/w",
             "rlimits": self._rlimits(limits),
             "env": self._env() | (env or {}),
+            "seccomp": self.mode != "none",
             **(self.root or {}),
         }
         pipes = [os.pipe() for _ in range(4 if channel else 3)]  # stdin, stdout, stderr [, verdict channel]
