@@ -118,7 +118,7 @@ def execute_samples(
     return results
 
 
-VERDICT_FIELDS = ("status", "passed", "duration", "exit_code", "output")
+VERDICT_FIELDS = ("status", "passed", "duration", "exit_code", "output", "output_truncated", "lingering")
 
 
 def result_row(sample: dict, sha: str, verdict: dict) -> dict:
@@ -155,6 +155,8 @@ def run_program(program: Program, sandbox: Sandbox, limits: Limits) -> dict:
         "duration": round(out.duration, 4),
         "exit_code": out.exit_code,
         "output": output,
+        "output_truncated": out.output_truncated,  # the run wrote more than the copy kept; the tests decided
+        "lingering": out.lingering,  # killed after its verdict arrived (a thread left running); verdict kept
     }
 
 
