@@ -29,11 +29,16 @@ semantics are `python -s -S -c SOURCE` with PYTHONHASHSEED=0; common stdlib modu
 Namespaces are probed once; when unavailable the run falls back to rlimits + process group only and
 `Sandbox.isolation` says so (the eval summary records it).
 
-What this does NOT protect against: kernel exploits and side channels; reading world-readable host files
-(as root, the slot uid sees the filesystem with "other" permissions: it reads what anyone may read and
-writes only world-writable places outside /tmp, /var/tmp and /dev/shm); CPU, memory bandwidth and disk
-contention with other workers; a program that deliberately searches its own interpreter for the verdict
-nonce. As a non-root caller ("userns" mode) the program keeps the caller's file permissions: it can read
+Where the machine allows it (probed; `Isolation.minimal_root`) the run's root is minimal (`root_view`: the
+system's programs and libraries and /etc read-only, site/dist-packages covered, no checkout, data or home
+dirs) and everything it may write is one tmpfs of `tmpfs_mb`, gone with the run; on x86-64 a seccomp filter
+refuses new namespaces, ptrace, keyrings, mounts and similar calls.
+
+What this does NOT protect against: kernel exploits and side channels; without a minimal root, reading
+world-readable host files; memory and process count across a run's processes (rlimits are per process; no
+cgroup); CPU, memory bandwidth and disk contention with other workers; a program that deliberately searches
+its own interpreter for the verdict nonce (the verdict is decided in the judged process). As a non-root
+caller ("userns" mode) the program keeps the caller's file permissions: it can read
 and write the caller's files. Concurrent sandboxes of one machine share the slot uids, hence their
 process limit. Without namespaces (no privileges or user namespaces for a non-root caller) there is no
 network, PID or tmpfs isolation at all. Run evaluations as root in a container or VM; for adversarial
