@@ -455,3 +455,19 @@ def test_seccomp_refuses_namespaces_ptrace_and_keyrings(sandbox):
     assert lines[:4] == ["unshare -1 1", "ptrace -1 1", "keyctl -1 1", "mount -1 1"], out
     assert lines[4:] == ["thread ok", "fork ok"], out  # threads and processes still work
     assert shell.exit_code != 0, shell
+
+
+def test_memory_is_capped_across_the_run(sandbox):
+    """Six processes of 150 MiB each stay under a 512 MiB rlimit each; the run's cgroup (512 + tmpfs MiB in all)
+    kills some of them."""
+    if sandbox._cgroups[0] is None or sandbox.isolation.mode == "none":
+        pytest.skip("no writable cgroup (v2 with memory and pids delegated, or v1) on this machine: per-process caps")
+    spread = (
+        "import os, time\nkids = []\nfor i in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        b = bytearray(150 * 2**20)\n        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+        "print(sorted(os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids))"
+    )
+    with sandbox.workspace() as ws:
+        out = ws.run_python(spread, Limits(cpu_seconds=3, memory_mb=512))
+    codes = eval(out.stdout)  # a list of ints printed by the probe
+    assert -9 in codes and codes.count(0) <= 3, out

@@ -35,8 +35,9 @@ dirs) and everything it may write is one tmpfs of `tmpfs_mb`, gone with the run;
 refuses new namespaces, ptrace, keyrings, mounts and similar calls.
 
 What this does NOT protect against: kernel exploits and side channels; without a minimal root, reading
-world-readable host files; memory and process count across a run's processes (rlimits are per process; no
-cgroup); CPU, memory bandwidth and disk contention with other workers; a program that deliberately searches
+world-readable host files; memory and process count across a run's processes where no cgroup is writable
+(`_cgroup`: as root, v2 or v1; elsewhere rlimits are per process); CPU, memory bandwidth and disk
+contention with other workers; a program that deliberately searches
 its own interpreter for the verdict nonce (the verdict is decided in the judged process). As a non-root
 caller ("userns" mode) the program keeps the caller's file permissions: it can read
 and write the caller's files. Concurrent sandboxes of one machine share the slot uids, hence their
@@ -149,7 +150,10 @@ class Sandbox:
         self._root = Path(tempfile.mkdtemp(prefix="codellm-sandbox-"))
         os.chmod(self._root, 0o711)  # slot uids may enter their own dir, not list the others
         self._servers = [_ForkServer(self._root / f"server-{slot}.log") for slot in range(self.workers)]
-        self.close = weakref.finalize(self, _close, self._root, self._servers)
+        self._cgroups = [
+            _cgroup(f"codellm-{os.getpid()}-{id(self)}-{slot}") if isolate else None for slot in range(self.workers)
+        ]
+        self.close = weakref.finalize(self, _close, self._root, self._servers, self._cgroups)
 
     @property
     def isolation(self) -> Isolation:
@@ -205,7 +209,7 @@ class Sandbox:
         try:
             if uid is not None:
                 os.chown(path, uid, uid)
-            yield Workspace(path, mode, uid, self._servers[slot], root)
+            yield Workspace(path, mode, uid, self._servers[slot], root, self._cgroups[slot] if mode != "none" else None)
         finally:
             shutil.rmtree(path, ignore_errors=True)
             self._slots.put(slot)
@@ -224,6 +228,7 @@ class Workspace:
     uid: int | None
     server: _ForkServer
     root: dict | None = None  # the minimal root: {"root": mount point, "binds": [...], "hide": [...]}
+    cgroup: dict | None = None  # the slot's cgroup: {"procs": [...], "memory": file, "pids": file}
 
     def write(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -265,6 +270,7 @@ class Workspace:
             "rlimits": self._rlimits(limits),
             "env": self._env() | (env or {}),
             "seccomp": self.mode != "none",
+            "cgroups": self._cgroup_limits(limits),
             **(self.root or {}),
         }
         pipes = [os.pipe() for _ in range(4 if channel else 3)]  # stdin, stdout, stderr [, verdict channel]
@@ -348,6 +354,18 @@ class Workspace:
             channel=bytes(verdict) if verdict is not None else None,
             lingering=lingering,
         )
+
+    def _cgroup_limits(self, limits: Limits) -> list[str]:
+        """Cap the whole run (every process, tmpfs pages included) in the slot's cgroup; the cgroup.procs files
+        the run joins (none where cgroups are not writable)."""
+        if self.cgroup is None:
+            return []
+        try:
+            Path(self.cgroup["memory"]).write_text(str((limits.memory_mb + limits.tmpfs_mb) << 20))
+            Path(self.cgroup["pids"]).write_text(str(limits.processes))
+        except OSError:
+            return []
+        return self.cgroup["procs"]
 
     def _rlimits(self, limits: Limits) -> list[tuple[str, int, int]]:
         cpu = math.ceil(limits.cpu_seconds)
@@ -488,10 +506,56 @@ class _Run:
             return {"error": f"sandbox: cannot end the run: {e}"}
 
 
-def _close(root: Path, servers: list[_ForkServer]) -> None:
+def _close(root: Path, servers: list[_ForkServer], cgroups: list[dict | None]) -> None:
     for server in servers:
         server.stop()
     shutil.rmtree(root, ignore_errors=True)
+    for group in filter(None, cgroups):
+        for folder in group["dirs"]:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cgroup(name: str) -> dict | None:
+    """A cgroup for one worker slot capping memory and processes across a run: cgroup v2 where memory and pids
+    are delegated here, else v1's memory and pids hierarchies; None where neither is writable (not root)."""
+    if os.geteuid() != 0 or sys.platform != "linux":
+        return None
+    made = []
+    try:
+        if (
+            {"memory", "pids"} <= set((CGROUP / "cgroup.subtree_control").read_text().split())
+            if (CGROUP / "cgroup.subtree_control").exists()
+            else False
+        ):
+            folder = CGROUP / name
+            folder.mkdir()
+            made.append(folder)
+            (folder / "memory.swap.max").write_text("0")
+            return {
+                "dirs": made,
+                "procs": [str(folder / "cgroup.procs")],
+                "memory": str(folder / "memory.max"),
+                "pids": str(folder / "pids.max"),
+            }
+        memory, pids = CGROUP / "memory" / name, CGROUP / "pids" / name
+        for folder in (memory, pids):
+            folder.mkdir()
+            made.append(folder)
+        return {
+            "dirs": made,
+            "procs": [str(memory / "cgroup.procs"), str(pids / "cgroup.procs")],
+            "memory": str(memory / "memory.limit_in_bytes"),
+            "pids": str(pids / "pids.max"),
+        }
+    except OSError:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        return None
 
 
 class _Capture:

@@ -93,6 +93,9 @@ def _start(req: dict, fds: list[int], err_w: int):
     mode = req["mode"]
     if mode == "none":
         return _program(req, fds)
+    for procs in req.get("cgroups", ()):  # the whole run's memory and process count, capped together
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     _check(libc.unshare(flags | (CLONE_NEWUSER if mode == "userns" else 0)), "unshare")
