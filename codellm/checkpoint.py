@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from codellm import arch
+from codellm import arch, weights
 from codellm.arch import meta
 from codellm.config import ModelConfig
 from codellm.errors import UserError
@@ -112,8 +112,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     family = arch.from_hf_config(hf, source)
     cfg = family.config_from_hf(hf, source)
     with torch.device("meta"):
-        model = family.build(cfg)
+        model = weights.apply_quantization_config(family.build(cfg), hf.get("quantization_config"), source)
     expected = {name: p.shape for name, p in model.state_dict().items()}
+    stored_as = {name: b.dtype for name, b in model.named_buffers()}  # quantized weights keep their dtypes
     state = {}
     for file, key, get in _tensors(path, hf):
         if family.ignored and key.endswith(family.ignored):
@@ -125,7 +126,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
         if tensor.shape != expected[name]:
             raise UserError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                             f"{Path(source).name} implies {tuple(expected[name])}")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        state[name] = tensor.to(device=device, dtype=stored_as.get(name, dtype))
     if family.tied and hf.get("tie_word_embeddings"):
         head, embedding = family.tied
         if head not in state and embedding in state:
@@ -162,9 +163,14 @@ def save_model(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         family = arch.of_model(model)
-        tensors = {family.to_hf(n): t.detach().to("cpu", dtype).contiguous() for n, t in model.state_dict().items()}
+        buffers = dict(model.named_buffers())  # quantized weights: stored in their own dtypes
+        tensors = {family.to_hf(n): t.detach().to("cpu", buffers[n].dtype if n in buffers else dtype).contiguous()
+                   for n, t in model.state_dict().items()}
         _write_safetensors(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(family.config_to_hf(model.cfg, dtype), indent=2) + "\n")
+        config = family.config_to_hf(model.cfg, dtype)
+        if (quantization := weights.quantization_config(model)) is not None:
+            config["quantization_config"] = quantization
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": model.cfg.bos_id, "eos_token_id": model.cfg.eos_id}, indent=2) + "\n")
         if tokenizer_dir is not None:

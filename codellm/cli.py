@@ -164,6 +164,7 @@ def cmd_info(args):
         ("rope theta / scaling", f"{cfg.rope_theta:g} / {cfg.rope_scaling:g}"),
         ("vocab", f"{cfg.vocab_size:,}"),
         (f"weights in {str(dtype).removeprefix('torch.')}", _gib(n * nbytes)),
+        *_quantized_sizes(cfg, nbytes),
         ("kv cache per token", f"{kv / 1024:.1f} KiB"),
         ("kv cache, full context", _gib(kv * cfg.max_seq_len)),
     ]
@@ -212,6 +213,25 @@ def cmd_convert(args):
     print(f"wrote the Hugging Face layout to {out}")
 
 
+def cmd_quantize(args):
+    from codellm import weights
+    from codellm.checkpoint import load_model, save_model
+    from codellm.options import model_dir
+
+    src = model_dir(args.src)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace it")
+    if args.out.resolve() == src.resolve():
+        raise UserError(f"--out {args.out} is the source directory; write the quantized model elsewhere")
+    model = load_model(src, dtype=args.dtype)
+    if weights.quantization_config(model) is not None:
+        raise UserError(f"{src} is already quantized")
+    options = {} if args.group_size is None else {"group": args.group_size}
+    weights.quantize(model, args.format, skip=() if args.quantize_head else ("lm_head",), **options)
+    out = save_model(model, args.out, tokenizer_dir=src)
+    print(f"wrote {args.format} weights to {out} ({_gib(sum(p.stat().st_size for p in out.glob('*.safetensors')))})")
+
+
 def cmd_export_gguf(args):
     from codellm import gguf
 
@@ -219,6 +239,23 @@ def cmd_export_gguf(args):
         raise UserError(f"--out {args.out} already exists; pass --force to replace it")
     out = gguf.export(args.model, args.out, args.type)
     print(f"wrote {args.type} GGUF to {out} ({_gib(out.stat().st_size)})")
+
+
+def _quantized_sizes(cfg, dense_bytes: int) -> list[tuple[str, str]]:
+    """What the weights take under each --quantize choice (projections quantized; the rest in the dtype)."""
+    from codellm import weights
+
+    dense = cfg.num_params() - cfg.n_layers * sum(i * o for i, o in cfg.projection_shapes())
+    rows = []
+    for fmt, options in (("int8", {}), ("int4", {"group": 32}), ("int4", {"group": 128}), ("nf4", {"group": 64})):
+        name = f"weights, --quantize {fmt}" + (f" --group-size {options['group']}" if fmt == "int4" else "")
+        try:
+            size = dense * dense_bytes + cfg.n_layers * sum(
+                weights.format_bytes(fmt, i, o, **options) for i, o in cfg.projection_shapes())
+            rows.append((name, _gib(size)))
+        except UserError as e:
+            rows.append((name, f"n/a ({e})"))
+    return rows
 
 
 def _gib(n: float) -> str:
@@ -268,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="weights dtype: float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a model with int8/int4/nf4 weights, which loads without "
+                       "re-quantizing (config.json's quantization_config)")
+    p.add_argument("src", type=Path, help="model directory")
+    p.add_argument("format", help="int8 | int4 | nf4")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    p.add_argument("--group-size", type=int, default=None, help="as for --quantize")
+    p.add_argument("--quantize-head", action="store_true", help="quantize the output head too")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of what stays dense (default bfloat16)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write a model in another program's format (gguf: llama.cpp, Ollama)")
     esub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")

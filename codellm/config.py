@@ -59,6 +59,13 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * self.dim
         return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
 
+    def projection_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of one layer's projections (q, k, v, o, gate, up, down): the
+        matrices a weight format quantizes; embeddings, norms and (by default) the head stay dense."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return [(self.dim, q), (self.dim, kv), (self.dim, kv), (q, self.dim), (self.dim, self.hidden_dim),
+                (self.dim, self.hidden_dim), (self.hidden_dim, self.dim)]
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 

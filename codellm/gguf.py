@@ -377,11 +377,12 @@ def export(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     (as llama.cpp's converter does); with q4_0 the output head is Q8_0 (llama.cpp's quantizer keeps it
     at a higher precision too); norms are F32."""
     from codellm.checkpoint import load_model
-    from codellm.options import model_dir as check_dir
 
     if qtype not in EXPORT_TYPES:
         raise UserError(f"--type {qtype!r} is not supported; choose one of: {', '.join(EXPORT_TYPES)}")
-    src, out = check_dir(Path(model_dir)), Path(out)
+    src, out = Path(model_dir), Path(out)
+    if not src.is_dir():
+        raise UserError(f"{src} is not a model directory (export reads a Hugging Face-layout directory)")
     model = load_model(src, dtype="float32")
     writer_path = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)

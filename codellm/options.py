@@ -35,6 +35,14 @@ def add_model_options(p: argparse.ArgumentParser):
                                                     "default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                                                   "bfloat16 on cuda)")
+    g.add_argument("--quantize", metavar="FORMAT", default=None,
+                   help="weight-only quantization of the projections after loading: int8 (one scale per output "
+                        "channel), int4 or nf4 (groups); embeddings and norms keep --dtype, the head too unless "
+                        "--quantize-head. On a CPU it decodes through the native step (--compile implied)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="inputs per quantization scale: int4 32 (default), 64 or 128; nf4 64 (default); int8 "
+                        "the whole row unless given")
+    g.add_argument("--quantize-head", action="store_true", help="quantize the output head too")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 256, heal: bool = False):
@@ -117,8 +125,26 @@ def load(args, instruct: bool = False):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if gguf.is_gguf(path):  # a llama.cpp / Ollama file: weights, config and tokenizer in one (codellm/gguf.py)
         model, tok = gguf.load(path, device=args.device, dtype=dtype)
-        return gguf.apply_options(model, args, path, lambda model, args, path: model), tok
-    return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path)
+        return gguf.apply_options(model, args, path, quantize_loaded), tok
+    return quantize_loaded(load_model(path, device=args.device, dtype=dtype), args, path), load_tokenizer(path)
+
+
+def quantize_loaded(model, args, path: Path):
+    """--quantize/--group-size/--quantize-head applied to a loaded model (codellm/weights.py)."""
+    from codellm import weights
+
+    fmt, group = getattr(args, "quantize", None), getattr(args, "group_size", None)
+    stored = weights.quantization_config(model)
+    if fmt is None and group is not None:
+        raise UserError("--group-size needs --quantize")
+    if fmt is not None and stored is not None:
+        raise UserError(f"--quantize {fmt}: {path} is already quantized ({stored['format']}); load it as it is")
+    if fmt is not None:
+        options = {} if group is None else {"group": group}
+        model = weights.quantize(model, fmt, skip=() if args.quantize_head else ("lm_head",), **options)
+    if (fmt or stored) and args.device == "cpu" and hasattr(args, "compile"):
+        args.compile = True  # PyTorch would widen every quantized matrix on every step; the native step reads them
+    return model
 
 
 def run_standalone(add_parser, argv: list[str] | None = None) -> int:

@@ -97,11 +97,12 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, group: int | None = None):
         super().__init__(in_features, out_features, group or in_features)
+        self.per_row = group is None  # the option as given: rows of different widths share it
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, in_features // self.group))
 
     def options(self) -> dict:
-        return {"group": self.group}
+        return {"group": None if self.per_row else self.group}
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, group: int | None = None) -> Int8Linear:
@@ -293,7 +294,54 @@ def quantize(model: nn.Module, fmt: str, skip: Iterable[str] = ("lm_head",), **o
     except modules whose name ends with one of `skip` (by default the output head, whose precision the
     logits feel most). Embeddings and norms are not linears: they keep their precision."""
     cls, skip = get_format(fmt), tuple(skip)
-    return swap_linears(model, lambda name, lin: None if name.endswith(skip) else cls.from_linear(lin, **options))
+
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        if name.endswith(skip):
+            return None
+        try:
+            return cls.from_linear(linear, **options)
+        except UserError as e:
+            raise UserError(f"--quantize {fmt}: {name}: {str(e).removeprefix(f'{fmt}: ')}") from None
+
+    return swap_linears(model, make)
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """The config.json entry describing a model's quantized modules (None when all are dense), in the
+    shape transformers gives its own (`quant_method` + settings), so a saved model loads without
+    re-quantizing: {"quant_method": "codellm", "format": ..., options..., "modules_to_not_convert": [...]}."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | QuantLinear)}
+    quantized = {name: m for name, m in linears.items() if isinstance(m, QuantLinear)}
+    if not quantized:
+        return None
+    kinds = {(m.format, tuple(m.options().items())) for m in quantized.values()}
+    if len(kinds) > 1:
+        raise UserError("saving a model whose modules use different weight formats is not supported")
+    fmt, options = kinds.pop()
+    return {"quant_method": "codellm", "format": fmt, **dict(options),
+            "modules_to_not_convert": sorted(name for name in linears if name not in quantized)}
+
+
+def apply_quantization_config(model: nn.Module, config: dict | None, source: str = "config.json") -> nn.Module:
+    """Before `load_state_dict`: swap in empty modules of the format a saved model's config names."""
+    if not config:
+        return model
+    if config.get("quant_method") != "codellm":
+        raise UserError(f"{source}: quantization_config quant_method={config.get('quant_method')!r} is not "
+                        f"supported (codellm reads its own 'codellm' method; quantize with --quantize instead)")
+    options = {k: v for k, v in config.items() if k not in ("quant_method", "format", "modules_to_not_convert")}
+    cls, keep = get_format(config.get("format")), set(config.get("modules_to_not_convert", ()))
+    return swap_linears(model, lambda name, lin: None if name in keep
+                        else cls.empty(lin.in_features, lin.out_features, **options))
+
+
+def format_bytes(fmt: str, in_features: int, out_features: int, dense_bytes: int = 2, **options) -> int:
+    """Bytes a (out, in) matrix takes in `fmt` ("dense": `dense_bytes` per weight), without building it."""
+    if fmt == "dense":
+        return in_features * out_features * dense_bytes
+    with torch.device("meta"):
+        module = get_format(fmt).empty(in_features, out_features, **options)
+    return matrix_bytes(module)
 
 
 @torch.no_grad()

@@ -327,3 +327,12 @@ def test_errors_are_one_line(sp_dir, tmp_path):
     src = save_model(tiny_model(load_tokenizer(sp_dir).vocab_size), tmp_path / "model", tokenizer_dir=sp_dir)
     with pytest.raises(UserError, match="--type 'q5_0' is not supported"):
         cg.export(src, tmp_path / "x.gguf", "q5_0")
+
+
+def test_quantize_flag_is_refused_for_quantized_blocks(sp_dir, tmp_path):
+    """--quantize on a file whose projections are Q8_0: a clear error, not a second rounding."""
+    path = write_gguf(tmp_path / "q8.gguf", tiny_model(load_tokenizer(sp_dir).vocab_size, hidden_dim=192), sp_dir,
+                      {"blk.0.attn_q.weight": GGML.Q8_0, "blk.0.attn_k.weight": GGML.Q8_0,
+                       "blk.0.attn_v.weight": GGML.Q8_0})
+    out = run("complete", "x", "--model", path, "--quantize", "int8")
+    assert out.returncode == 2 and "--quantize" in out.stderr and "runs as they are" in out.stderr
