@@ -58,6 +58,11 @@ class QuantLinear(nn.Module):
             raise UserError(f"{self.format}: in_features {in_features} is not a multiple of the group size {group}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, **options) -> QuantLinear:
+        """The module a checkpoint in this format loads into (its buffers zero until then)."""
+        return cls(in_features, out_features, **options)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized().to(x.dtype))
 
@@ -105,10 +110,6 @@ class Int8Linear(QuantLinear):
         return {"group": None if self.per_row else self.group}
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, group: int | None = None) -> Int8Linear:
-        return cls(in_features, out_features, group)
-
-    @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, group: int | None = None) -> Int8Linear:
         module = cls(linear.in_features, linear.out_features, group).to(linear.weight.device)
@@ -143,10 +144,6 @@ class Int4Linear(QuantLinear):
 
     def options(self) -> dict:
         return {"group": self.group, "symmetric": self.symmetric}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, group: int = 32, symmetric: bool = True) -> Int4Linear:
-        return cls(in_features, out_features, group, symmetric)
 
     @classmethod
     @torch.no_grad()
@@ -198,10 +195,6 @@ class NF4Linear(QuantLinear):
 
     def options(self) -> dict:
         return {"group": self.group, "double_quant": self.double_quant}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, group: int = 64, double_quant: bool = False) -> NF4Linear:
-        return cls(in_features, out_features, group, double_quant)
 
     @classmethod
     @torch.no_grad()
