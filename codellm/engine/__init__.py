@@ -7,7 +7,8 @@
     engine.py     Engine: submit / cancel / step / run / stream / generate, EngineEvent, Completion
     runner.py     EngineRunner: the engine loop in a thread, per-request streams for threads and asyncio
     decode.py     the decode step as a pure function (eager, or torch.compile'd off the CPU)
-    native.py     the CPU decode step as one call into native_decode.cpp (built at first use)
+    native.py     the CPU decode step as one call into native_decode.cpp (built at first use); each weight matrix, dense
+                  or quantized, is read through codellm/weights.py's NativeMatrix
 """
 
 from codellm.engine.engine import Completion, Engine, EngineEvent
